@@ -1,0 +1,1 @@
+"""vfiomig.host."""

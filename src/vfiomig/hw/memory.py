@@ -1,0 +1,107 @@
+"""Memory of the modelled machine: the process's user mappings, which are also what DMA reaches.
+
+iommufd and type1 pin user pages and install their physical addresses in the IO page table.
+The model needs no separate physical address space: an IOPTE holds the *user virtual address*
+it was pinned from, and DMA reads and writes land in the same bytes the process sees.
+
+A region is either backed (a numpy uint8 array) or unbacked: address space without bytes,
+for simulating guests of hundreds of GiB or 1 TiB where only dirty state matters.
+Any access outside a region, or a byte access to an unbacked region, is EFAULT.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+# Where the model's mmap() hands out addresses: a canonical x86-64 user address, away from 0
+# so that a NULL or small pointer is always EFAULT, as it is in a real process.
+MMAP_BASE = 0x7F00_0000_0000
+# Unmapped guard gap left between regions, so running off the end of one buffer faults.
+GUARD = 1 << 21
+
+
+def efault() -> OSError:
+    return OSError(errno.EFAULT, os.strerror(errno.EFAULT))
+
+
+@dataclass
+class Region:
+    addr: int
+    length: int
+    data: npt.NDArray[np.uint8] | None  # None: unbacked
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.length
+
+
+class Memory:
+    """The user address space of the one modelled process."""
+
+    def __init__(self) -> None:
+        self._regions: list[Region] = []
+        self._starts: list[int] = []
+        self._next = MMAP_BASE
+
+    def mmap(self, length: int, backed: bool = True) -> Region:
+        if length <= 0:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        size = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        # 2 MiB-align every region so huge IOPTEs are possible over it (stands for THP/hugetlb).
+        addr = (self._next + GUARD - 1) & ~(GUARD - 1)
+        data = np.zeros(size, dtype=np.uint8) if backed else None
+        region = Region(addr, size, data)
+        i = bisect.bisect(self._starts, addr)
+        self._regions.insert(i, region)
+        self._starts.insert(i, addr)
+        self._next = addr + size + GUARD
+        return region
+
+    def munmap(self, addr: int) -> None:
+        i = bisect.bisect(self._starts, addr) - 1
+        if i < 0 or self._regions[i].addr != addr:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        del self._regions[i]
+        del self._starts[i]
+
+    def region(self, addr: int, length: int) -> Region:
+        """The one region holding [addr, addr+length), else EFAULT."""
+        if addr < 0 or length < 0:
+            raise efault()
+        i = bisect.bisect(self._starts, addr) - 1
+        if i < 0:
+            raise efault()
+        r = self._regions[i]
+        if addr + length > r.end:
+            raise efault()
+        return r
+
+    def contains(self, addr: int, length: int) -> bool:
+        try:
+            self.region(addr, length)
+        except OSError:
+            return False
+        return True
+
+    def view(self, addr: int, length: int) -> npt.NDArray[np.uint8]:
+        """A writable numpy view of backed bytes (for vectorized bitmap writes)."""
+        r = self.region(addr, length)
+        if r.data is None:
+            raise efault()
+        off = addr - r.addr
+        return r.data[off : off + length]
+
+    def read(self, addr: int, length: int) -> bytes:
+        return self.view(addr, length).tobytes()
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(addr, len(data))[:] = np.frombuffer(data, dtype=np.uint8)

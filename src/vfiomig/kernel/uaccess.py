@@ -1,0 +1,85 @@
+"""copy_from_user / copy_to_user for ioctl arguments and for pointers inside them.
+
+An ioctl argument arrives as the caller's own buffer (a ctypes object or a bytearray), the
+same object fcntl.ioctl(fd, req, buf, True) would take, and is mutated in place. Reading or
+writing past its end is what a real kernel sees as touching unmapped memory: EFAULT.
+Pointers *inside* structs are addresses of user memory from ModelKernel.mmap (vfiomig.hw.memory);
+anything else is EFAULT too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from errno import E2BIG, EFAULT, EINVAL
+from typing import TypeVar
+
+from vfiomig.hw.memory import Memory
+from vfiomig.kernel.errors import err
+
+T = TypeVar("T", bound=ctypes.Structure)
+
+
+class UserArg:
+    """The user buffer an ioctl's `arg` points at."""
+
+    def __init__(self, arg: object) -> None:
+        if isinstance(arg, bytearray):
+            self.mv = memoryview(arg)
+        elif isinstance(arg, ctypes.Structure | ctypes.Union | ctypes.Array):
+            self.mv = memoryview(arg).cast("B")  # type: ignore[arg-type]
+        else:
+            # An int, bytes (read-only) or None is not a writable user pointer.
+            raise err(EFAULT)
+        self.len = len(self.mv)
+
+    def read(self, off: int, n: int) -> bytes:
+        if off < 0 or n < 0 or off + n > self.len:
+            raise err(EFAULT)
+        return bytes(self.mv[off : off + n])
+
+    def write(self, off: int, data: bytes | bytearray) -> None:
+        if off < 0 or off + len(data) > self.len:
+            raise err(EFAULT)
+        self.mv[off : off + len(data)] = data
+
+    def u32(self, off: int = 0) -> int:
+        return int(struct.unpack_from("<I", self.read(off, 4))[0])
+
+    def get(self, cls: type[T], off: int = 0, size: int | None = None) -> T:
+        """copy_from_user of a struct; with `size` < sizeof, the missing tail reads as zero."""
+        n = ctypes.sizeof(cls)
+        raw = self.read(off, n if size is None else min(size, n))
+        return cls.from_buffer_copy(raw.ljust(n, b"\0"))
+
+    def put(self, obj: ctypes.Structure, off: int = 0, size: int | None = None) -> None:
+        """copy_to_user of the first `size` bytes of a struct (all of it by default)."""
+        raw = bytes(obj)
+        self.write(off, raw if size is None else raw[: min(size, len(raw))])
+
+    def copy_struct(self, cls: type[T], usize: int, minsz: int) -> T:
+        """copy_struct_from_user() as iommufd uses it: size-first framing.
+
+        usize < minsz is EINVAL; a larger struct than the kernel knows is accepted only when
+        every extra byte is zero (E2BIG otherwise); a shorter one reads as zero-extended.
+        (include/linux/uaccess.h copy_struct_from_user, drivers/iommu/iommufd/main.c)
+        """
+        if usize < minsz:
+            raise err(EINVAL)
+        ksize = ctypes.sizeof(cls)
+        if usize > ksize and any(self.read(ksize, usize - ksize)):
+            raise err(E2BIG)
+        return self.get(cls, 0, min(usize, ksize))
+
+
+def user_read(mm: Memory, addr: int, n: int) -> bytes:
+    """copy_from_user through a pointer field."""
+    if n == 0:
+        return b""
+    return mm.read(addr, n)
+
+
+def user_write(mm: Memory, addr: int, data: bytes) -> None:
+    """copy_to_user through a pointer field."""
+    if data:
+        mm.write(addr, data)

@@ -1,0 +1,1 @@
+"""Command implementations behind the `vfiomig` CLI (one module per subcommand)."""
