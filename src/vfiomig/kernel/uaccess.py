@@ -27,7 +27,7 @@ class UserArg:
         if isinstance(arg, bytearray):
             self.mv = memoryview(arg)
         elif isinstance(arg, ctypes.Structure | ctypes.Union | ctypes.Array):
-            self.mv = memoryview(arg).cast("B")  # type: ignore[arg-type]
+            self.mv = memoryview(arg).cast("B")
         else:
             # An int, bytes (read-only) or None is not a writable user pointer.
             raise err(EFAULT)
