@@ -5,15 +5,48 @@ from __future__ import annotations
 import pytest
 
 from vfiomig.cli import main
-from vfiomig.uapi import iommufd as u
 
 
-def test_demo_prints_real_request_numbers(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo"]) == 0
+def table(out: str) -> dict[str, list[int]]:
+    """The demo's 'pages sent per round' rows, by dirty-tracking name."""
+    rows: dict[str, list[int]] = {}
+    for line in out.splitlines():
+        for name in ("iommufd, 4 KiB IOPTEs", "iommufd, 2 MiB IOPTEs", "type1 (pinned = dirty)"):
+            if line.startswith(name):
+                rows[name] = [int(x) for x in line[len(name) :].split()[:-1]]
+    return rows
+
+
+def test_demo_migrates_and_reports_what_each_tracker_costs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["demo", "--ram-mib", "8", "--rounds", "2", "--dma-pages", "50"]) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("IOMMU_")}
-    assert int(rows["IOMMU_HWPT_GET_DIRTY_BITMAP"][1], 16) == u.IOMMU_HWPT_GET_DIRTY_BITMAP
-    assert rows["IOMMU_HWPT_GET_DIRTY_BITMAP"][-1] == "(48)"
+    assert out.count("guest RAM identical: yes; accelerator queue state identical: yes") == 2
+    rows = table(out)
+    pages = 8 << 20 >> 12
+    # 4 KiB IOPTEs: round 0 sends all RAM, then exactly the pages the device wrote per round,
+    # then a few pages the stopped queue manager wrote back on its way to STOP_COPY.
+    small = rows["iommufd, 4 KiB IOPTEs"]
+    assert small[:3] == [pages, 50, 50] and 0 < small[3] < 50
+    # 2 MiB IOPTEs: dirty at leaf granularity, so whole 512-page multiples.
+    assert all(n % 512 == 0 and n > 0 for n in rows["iommufd, 2 MiB IOPTEs"])
+    # type1 with a passthrough device: every mapped page, every round.
+    assert rows["type1 (pinned = dirty)"] == [pages] * 4
+
+
+def test_demo_is_deterministic(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", "--ram-mib", "4", "--rounds", "1", "--dma-pages", "20", "--seed", "7"]
+    main(argv)
+    first = capsys.readouterr().out
+    main(argv)
+    assert capsys.readouterr().out == first
+
+
+@pytest.mark.parametrize("argv", [["--ram-mib", "0"], ["--ram-mib", "1", "--dma-pages", "100000"]])
+def test_demo_rejects_bad_input(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", *argv]) == 2
+    assert "vfiomig demo:" in capsys.readouterr().err
 
 
 def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

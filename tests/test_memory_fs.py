@@ -97,10 +97,26 @@ def test_userarg_bounds_and_copy_struct() -> None:
 
 
 def test_userarg_rejects_non_buffers() -> None:
-    for bad in (b"readonly", None, 3.5):
+    for bad in (None, 3.5, "text"):
         with pytest.raises(OSError) as e:
             UserArg(bad)
         assert e.value.errno == errno.EFAULT
     s = S()
     UserArg(s).put(S(size=1, flags=2, val=3))
     assert (s.size, s.flags, s.val) == (1, 2, 3)
+
+
+def test_userarg_accepts_ctypes_simple_types() -> None:
+    fd = ctypes.c_int32(7)
+    arg = UserArg(fd)
+    assert arg.u32(0) == 7
+    arg.write(0, (9).to_bytes(4, "little"))
+    assert fd.value == 9
+
+
+def test_userarg_reads_bytes_but_writes_do_not_reach_them() -> None:
+    raw = bytes(S(size=16, flags=5, val=1))
+    arg = UserArg(raw)
+    assert arg.get(S).flags == 5
+    arg.put(S(size=16, flags=6, val=1))
+    assert S.from_buffer_copy(raw).flags == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 from errno import EBADF, EINVAL, EMFILE, ENOTTY, ESPIPE
 
 from vfiomig.kernel.errors import err
@@ -9,6 +10,7 @@ from vfiomig.kernel.uaccess import UserArg
 
 # RLIMIT_NOFILE of a typical process; a leak shows up as EMFILE rather than unbounded growth.
 NR_OPEN_DEFAULT = 1024
+DEFAULT_POLLMASK = select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM
 
 
 class File:
@@ -37,6 +39,10 @@ class File:
 
     def llseek(self, offset: int, whence: int) -> int:
         raise err(ESPIPE)
+
+    def poll(self, events: int) -> int:
+        """vfs_poll without a ->poll op: DEFAULT_POLLMASK (in, out, rdnorm, wrnorm)."""
+        return events & DEFAULT_POLLMASK
 
     def release(self) -> None:
         """The last fd to this file was closed."""

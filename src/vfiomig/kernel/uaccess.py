@@ -24,13 +24,17 @@ class UserArg:
     """The user buffer an ioctl's `arg` points at."""
 
     def __init__(self, arg: object) -> None:
-        if isinstance(arg, bytearray):
-            self.mv = memoryview(arg)
-        elif isinstance(arg, ctypes.Structure | ctypes.Union | ctypes.Array):
-            self.mv = memoryview(arg).cast("B")
-        else:
-            # An int, bytes (read-only) or None is not a writable user pointer.
-            raise err(EFAULT)
+        # Any writable buffer fcntl.ioctl(fd, req, buf, True) accepts: bytearray, a ctypes
+        # struct, union, array or simple type (c_int32 for VFIO_GROUP_SET_CONTAINER), numpy.
+        try:
+            mv = memoryview(arg)  # type: ignore[arg-type]
+        except TypeError:
+            raise err(EFAULT) from None  # an int is passed through as a value, never here
+        if mv.readonly:
+            # fcntl.ioctl(fd, req, b"...") copies immutable input into a scratch buffer: the
+            # kernel reads it, and what it writes back never reaches the caller's object.
+            mv = memoryview(bytearray(mv))
+        self.mv = mv.cast("B")
         self.len = len(self.mv)
 
     def read(self, off: int, n: int) -> bytes:

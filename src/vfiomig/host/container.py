@@ -1,0 +1,283 @@
+"""The legacy VFIO path: a ``Container`` (/dev/vfio/vfio) with the type1 IOMMU and its
+``Group`` s (/dev/vfio/N), including type1's software dirty-page tracking.
+
+    with Container(t) as c, Group(t, "/dev/vfio/7") as g:
+        g.set_container(c)
+        c.set_iommu()                       # VFIO_TYPE1v2_IOMMU
+        c.map_dma(ram, iova=0)
+        c.dirty_pages_start()
+        bits = c.dirty_pages_bitmap(0, ram.length, c.iommu_info().min_page_size)
+        with g.get_device("0000:65:00.1") as dev: ...
+
+Type1 reports *every* mapped page dirty on every query while a device behind a real IOMMU is
+attached; that is the reason iommufd dirty tracking exists.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from dataclasses import dataclass, field
+from errno import E2BIG
+from types import TracebackType
+from typing import Any
+
+from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes
+from vfiomig.host.device import VfioDevice
+from vfiomig.host.errors import ContainerError, GroupError, OpenError, VfioError, call
+from vfiomig.host.memory import Scratch, UserBuffer
+from vfiomig.host.transport import VFIO_CONTAINER_PATH, Transport
+from vfiomig.uapi import vfio as v
+
+
+@dataclass(frozen=True)
+class MigrationCap:
+    """VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION."""
+
+    flags: int
+    pgsize_bitmap: int
+    max_dirty_bitmap_size: int
+
+
+@dataclass(frozen=True)
+class Type1Info:
+    """VFIO_IOMMU_GET_INFO of a type1 container, capability chain parsed."""
+
+    flags: int
+    iova_pgsizes: int
+    iova_ranges: tuple[tuple[int, int], ...] = ()
+    migration: MigrationCap | None = None
+    dma_avail: int | None = None
+    caps: dict[int, bytes] = field(default_factory=dict)
+
+    @property
+    def min_page_size(self) -> int:
+        p = self.iova_pgsizes
+        return p & -p if p else 4096
+
+
+class Container:
+    """An open /dev/vfio/vfio; a context manager that closes it."""
+
+    def __init__(self, transport: Transport, path: str = VFIO_CONTAINER_PATH) -> None:
+        self.transport = transport
+        self.path = path
+        self.fd = call(OpenError, f"open({path})", transport.open, path, os.O_RDWR)
+        self.closed = False
+        self.scratch = Scratch(transport.mmap)
+
+    def ioctl(self, request: int, arg: Any, op: str, cls: type[VfioError] = ContainerError) -> int:
+        if self.closed:
+            raise ValueError("container is closed")
+        return call(cls, op, self.transport.ioctl, self.fd, request, arg)
+
+    def api_version(self) -> int:
+        return self.ioctl(v.VFIO_GET_API_VERSION, 0, "VFIO_GET_API_VERSION")
+
+    def check_extension(self, extension: int) -> int:
+        return self.ioctl(v.VFIO_CHECK_EXTENSION, extension, f"VFIO_CHECK_EXTENSION({extension})")
+
+    def set_iommu(self, iommu_type: int = v.VFIO_TYPE1v2_IOMMU) -> None:
+        """VFIO_SET_IOMMU (needs a group set on the container first)."""
+        self.ioctl(v.VFIO_SET_IOMMU, iommu_type, f"VFIO_SET_IOMMU({iommu_type})")
+
+    def iommu_info(self) -> Type1Info:
+        """VFIO_IOMMU_GET_INFO, asking again with the argsz the kernel wants for its caps."""
+        size = 512
+        for _ in range(4):
+            buf = bytearray(size)
+            hdr = v.vfio_iommu_type1_info.from_buffer(buf)
+            hdr.argsz = size
+            self.ioctl(v.VFIO_IOMMU_GET_INFO, buf, "VFIO_IOMMU_GET_INFO")
+            hdr = v.vfio_iommu_type1_info.from_buffer_copy(
+                buf[: ctypes.sizeof(v.vfio_iommu_type1_info)]
+            )
+            if hdr.argsz <= size:
+                return _parse_type1_info(bytes(buf), hdr)
+            size = int(hdr.argsz)
+        raise ContainerError(E2BIG, "VFIO_IOMMU_GET_INFO", "argsz kept growing")
+
+    def map_dma(
+        self,
+        user: UserBuffer | int,
+        iova: int,
+        size: int | None = None,
+        *,
+        readable: bool = True,
+        writeable: bool = True,
+    ) -> None:
+        vaddr = user.addr if isinstance(user, UserBuffer) else user
+        if size is None:
+            if not isinstance(user, UserBuffer):
+                raise ValueError("size is required when mapping a raw address")
+            size = user.length
+        flags = (v.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (
+            v.VFIO_DMA_MAP_FLAG_WRITE if writeable else 0
+        )
+        m = v.vfio_iommu_type1_dma_map(
+            argsz=ctypes.sizeof(v.vfio_iommu_type1_dma_map),
+            flags=flags,
+            vaddr=vaddr,
+            iova=iova,
+            size=size,
+        )
+        self.ioctl(v.VFIO_IOMMU_MAP_DMA, m, f"VFIO_IOMMU_MAP_DMA({iova:#x}, {size:#x})")
+
+    def unmap_dma(self, iova: int, size: int) -> int:
+        """VFIO_IOMMU_UNMAP_DMA; returns bytes unmapped (0 for an empty range: success)."""
+        buf = v.unmap_dma_buffer(iova, size)
+        self.ioctl(v.VFIO_IOMMU_UNMAP_DMA, buf, f"VFIO_IOMMU_UNMAP_DMA({iova:#x}, {size:#x})")
+        return int(v.vfio_iommu_type1_dma_unmap.from_buffer(buf).size)
+
+    def unmap_all(self) -> int:
+        buf = v.unmap_dma_buffer(0, 0, v.VFIO_DMA_UNMAP_FLAG_ALL)
+        self.ioctl(v.VFIO_IOMMU_UNMAP_DMA, buf, "VFIO_IOMMU_UNMAP_DMA(all)")
+        return int(v.vfio_iommu_type1_dma_unmap.from_buffer(buf).size)
+
+    def unmap_dma_dirty(self, iova: int, size: int, pgsize: int) -> tuple[int, DirtyBitmap]:
+        """VFIO_IOMMU_UNMAP_DMA with GET_DIRTY_BITMAP: report, then unmap."""
+        nbytes = bitmap_bytes(size, pgsize)
+        mem = self.scratch.get("unmap_bitmap", min(nbytes, MAX_BITMAP_BYTES))
+        bm = v.vfio_bitmap(pgsize=pgsize, size=nbytes)
+        bm.data = ctypes.cast(mem.addr, ctypes.POINTER(ctypes.c_uint64))
+        buf = v.unmap_dma_buffer(iova, size, v.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, bm)
+        op = f"VFIO_IOMMU_UNMAP_DMA({iova:#x}, {size:#x}, GET_DIRTY_BITMAP)"
+        self.ioctl(v.VFIO_IOMMU_UNMAP_DMA, buf, op)
+        unmapped = int(v.vfio_iommu_type1_dma_unmap.from_buffer(buf).size)
+        words = mem.words(min(nbytes, MAX_BITMAP_BYTES))
+        return unmapped, DirtyBitmap.from_words(iova, size, pgsize, words)
+
+    def _dirty_pages(self, flags: int, op: str, get: Any = None) -> bytearray:
+        buf = v.dirty_pages_buffer(flags, get)
+        self.ioctl(v.VFIO_IOMMU_DIRTY_PAGES, buf, op)
+        return buf
+
+    def dirty_pages_start(self) -> None:
+        self._dirty_pages(v.VFIO_IOMMU_DIRTY_PAGES_FLAG_START, "VFIO_IOMMU_DIRTY_PAGES(START)")
+
+    def dirty_pages_stop(self) -> None:
+        self._dirty_pages(v.VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP, "VFIO_IOMMU_DIRTY_PAGES(STOP)")
+
+    def dirty_pages_bitmap(self, iova: int, size: int, pgsize: int) -> DirtyBitmap:
+        """VFIO_IOMMU_DIRTY_PAGES GET_BITMAP (pgsize must be the container's minimum)."""
+        nbytes = bitmap_bytes(size, pgsize)
+        mem = self.scratch.get("dirty_bitmap", min(nbytes, MAX_BITMAP_BYTES))
+        bm = v.vfio_bitmap(pgsize=pgsize, size=nbytes)
+        bm.data = ctypes.cast(mem.addr, ctypes.POINTER(ctypes.c_uint64))
+        get = v.vfio_iommu_type1_dirty_bitmap_get(iova=iova, size=size, bitmap=bm)
+        op = f"VFIO_IOMMU_DIRTY_PAGES(GET_BITMAP, {iova:#x}, {size:#x}, {pgsize:#x})"
+        self._dirty_pages(v.VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP, op, get)
+        words = mem.words(min(nbytes, MAX_BITMAP_BYTES))
+        return DirtyBitmap.from_words(iova, size, pgsize, words)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.scratch.close()
+        call(ContainerError, "close(container)", self.transport.close, self.fd)
+
+    def __enter__(self) -> Container:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Group:
+    """An open /dev/vfio/N; a context manager that closes it."""
+
+    def __init__(self, transport: Transport, path: str) -> None:
+        self.transport = transport
+        self.path = path
+        self.fd = call(OpenError, f"open({path})", transport.open, path, os.O_RDWR)
+        self.closed = False
+
+    def ioctl(self, request: int, arg: Any, op: str) -> int:
+        if self.closed:
+            raise ValueError("group is closed")
+        return call(GroupError, op, self.transport.ioctl, self.fd, request, arg)
+
+    def status(self) -> int:
+        st = v.vfio_group_status(argsz=ctypes.sizeof(v.vfio_group_status))
+        self.ioctl(v.VFIO_GROUP_GET_STATUS, st, "VFIO_GROUP_GET_STATUS")
+        return int(st.flags)
+
+    @property
+    def viable(self) -> bool:
+        return bool(self.status() & v.VFIO_GROUP_FLAGS_VIABLE)
+
+    def set_container(self, container: Container) -> None:
+        # The argument is a pointer to an int holding the container fd.
+        fd = bytearray(struct.pack("=i", container.fd))
+        self.ioctl(v.VFIO_GROUP_SET_CONTAINER, fd, "VFIO_GROUP_SET_CONTAINER")
+
+    def unset_container(self) -> None:
+        self.ioctl(v.VFIO_GROUP_UNSET_CONTAINER, 0, "VFIO_GROUP_UNSET_CONTAINER")
+
+    def get_device(self, name: str) -> VfioDevice:
+        """VFIO_GROUP_GET_DEVICE_FD by device name (a PCI address on Linux)."""
+        arg = bytearray(name.encode() + b"\0")
+        fd = self.ioctl(v.VFIO_GROUP_GET_DEVICE_FD, arg, f"VFIO_GROUP_GET_DEVICE_FD({name})")
+        return VfioDevice(self.transport, f"{self.path}:{name}", fd=fd)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        call(GroupError, "close(group)", self.transport.close, self.fd)
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _parse_type1_info(raw: bytes, hdr: v.vfio_iommu_type1_info) -> Type1Info:
+    caps: dict[int, bytes] = {}
+    ranges: list[tuple[int, int]] = []
+    mig: MigrationCap | None = None
+    avail: int | None = None
+    hsize = ctypes.sizeof(v.vfio_info_cap_header)
+    off = int(hdr.cap_offset) if hdr.flags & v.VFIO_IOMMU_INFO_CAPS else 0
+    seen: set[int] = set()
+    while off and off not in seen and off + hsize <= len(raw):
+        seen.add(off)
+        cap = v.vfio_info_cap_header.from_buffer_copy(raw, off)
+        end = int(cap.next) if cap.next > off else len(raw)
+        caps[int(cap.id)] = raw[off:end]
+        if cap.id == v.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE:
+            c = v.vfio_iommu_type1_info_cap_iova_range.from_buffer_copy(raw, off)
+            rs = ctypes.sizeof(v.vfio_iova_range)
+            base = off + ctypes.sizeof(v.vfio_iommu_type1_info_cap_iova_range)
+            for i in range(int(c.nr_iovas)):
+                if base + (i + 1) * rs > len(raw):
+                    break
+                r = v.vfio_iova_range.from_buffer_copy(raw, base + i * rs)
+                ranges.append((int(r.start), int(r.end)))
+        elif cap.id == v.VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION:
+            m = v.vfio_iommu_type1_info_cap_migration.from_buffer_copy(raw, off)
+            mig = MigrationCap(int(m.flags), int(m.pgsize_bitmap), int(m.max_dirty_bitmap_size))
+        elif cap.id == v.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL:
+            avail = int(v.vfio_iommu_type1_info_dma_avail.from_buffer_copy(raw, off).avail)
+        off = int(cap.next)
+    return Type1Info(
+        flags=int(hdr.flags),
+        iova_pgsizes=int(hdr.iova_pgsizes),
+        iova_ranges=tuple(ranges),
+        migration=mig,
+        dma_avail=avail,
+        caps=caps,
+    )

@@ -1,0 +1,383 @@
+"""iommufd from userspace: ``Iommufd`` (/dev/iommu), ``Ioas`` and ``Hwpt`` objects.
+
+Named after drivers/iommu/iommufd: an open /dev/iommu holds objects with integer ids; an IOAS
+is a set of IOVA -> user memory mappings; a HWPT (hw_pagetable) is an IO page table built from
+one IOAS, and when allocated with dirty tracking it can report which pages a device wrote::
+
+    with Iommufd(transport) as ictx, VfioDevice(transport, path) as dev:
+        dev_id = dev.bind(ictx)
+        ioas = ictx.ioas_alloc()
+        hwpt = ictx.hwpt_alloc(dev_id, ioas, dirty_tracking=True)
+        dev.attach(hwpt)
+        iova = ioas.map(guest_ram, iova=0)
+        hwpt.set_dirty_tracking(True)
+        ...
+        for iova, length in hwpt.get_dirty_bitmap(0, guest_ram.length).ranges(): ...
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from errno import EMSGSIZE
+from types import TracebackType
+from typing import Any
+
+from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes
+from vfiomig.host.errors import HwptError, IoasError, IommufdError, OpenError, VfioError, call
+from vfiomig.host.memory import Scratch, UserBuffer
+from vfiomig.host.transport import IOMMUFD_PATH, Transport
+from vfiomig.uapi import iommufd as u
+
+U64_MAX = (1 << 64) - 1
+
+HW_INFO_TYPES: dict[int, str] = {
+    u.IOMMU_HW_INFO_TYPE_NONE: "none",
+    u.IOMMU_HW_INFO_TYPE_INTEL_VTD: "intel-vtd",
+    u.IOMMU_HW_INFO_TYPE_ARM_SMMUV3: "arm-smmuv3",
+    u.IOMMU_HW_INFO_TYPE_TEGRA241_CMDQV: "tegra241-cmdqv",
+    u.IOMMU_HW_INFO_TYPE_AMD: "amd",
+}
+
+
+def _struct(cls: type[Any], **fields: int) -> Any:
+    s = cls(**fields)
+    s.size = ctypes.sizeof(cls)
+    return s
+
+
+@dataclass(frozen=True)
+class HwInfo:
+    """IOMMU_GET_HW_INFO: the IOMMU behind one bound device."""
+
+    data_type: int
+    capabilities: int
+    max_pasid_log2: int
+    data: bytes
+
+    @property
+    def type_name(self) -> str:
+        return HW_INFO_TYPES.get(self.data_type, f"type{self.data_type}")
+
+    @property
+    def dirty_tracking(self) -> bool:
+        return bool(self.capabilities & u.IOMMU_HW_CAP_DIRTY_TRACKING)
+
+
+@dataclass(frozen=True)
+class IovaRanges:
+    """IOMMU_IOAS_IOVA_RANGES: usable IOVA ranges (inclusive ``(start, last)``) and the
+    alignment every map must respect."""
+
+    ranges: tuple[tuple[int, int], ...]
+    alignment: int
+
+
+class Iommufd:
+    """An open /dev/iommu (an ``iommufd_ctx``); a context manager that closes it.
+
+    Closing destroys every object the context still holds, as the kernel does.
+    """
+
+    def __init__(self, transport: Transport, path: str = IOMMUFD_PATH) -> None:
+        self.transport = transport
+        self.path = path
+        self.fd = call(OpenError, f"open({path})", transport.open, path, os.O_RDWR)
+        self.closed = False
+        self.scratch = Scratch(transport.mmap)
+
+    def ioctl(self, request: int, arg: Any, op: str, cls: type[VfioError] = IommufdError) -> int:
+        if self.closed:
+            raise ValueError("iommufd is closed")
+        return call(cls, op, self.transport.ioctl, self.fd, request, arg)
+
+    # -- objects ------------------------------------------------------------------------
+
+    def ioas_alloc(self) -> Ioas:
+        cmd = _struct(u.iommu_ioas_alloc)
+        self.ioctl(u.IOMMU_IOAS_ALLOC, cmd, "IOMMU_IOAS_ALLOC", IoasError)
+        return Ioas(self, int(cmd.out_ioas_id))
+
+    def hwpt_alloc(
+        self,
+        dev_id: int,
+        pt: Ioas | int,
+        *,
+        dirty_tracking: bool = False,
+        flags: int = 0,
+    ) -> Hwpt:
+        """IOMMU_HWPT_ALLOC of a paging HWPT for ``dev_id`` over the IOAS ``pt``."""
+        pt_id = pt.id if isinstance(pt, Ioas) else pt
+        if dirty_tracking:
+            flags |= u.IOMMU_HWPT_ALLOC_DIRTY_TRACKING
+        cmd = _struct(u.iommu_hwpt_alloc, flags=flags, dev_id=dev_id, pt_id=pt_id)
+        self.ioctl(u.IOMMU_HWPT_ALLOC, cmd, _flag_op("IOMMU_HWPT_ALLOC", flags), HwptError)
+        ioas = pt if isinstance(pt, Ioas) else None
+        return Hwpt(
+            self, int(cmd.out_hwpt_id), ioas, bool(flags & u.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
+        )
+
+    def destroy(self, obj_id: int) -> None:
+        cmd = _struct(u.iommu_destroy, id=obj_id)
+        self.ioctl(u.IOMMU_DESTROY, cmd, f"IOMMU_DESTROY({obj_id})")
+
+    def hw_info(self, dev_id: int, data_len: int = 256) -> HwInfo:
+        """IOMMU_GET_HW_INFO for a bound device (its id from ``VfioDevice.bind``)."""
+        buf = self.scratch.get("hw_info", data_len)
+        cmd = _struct(u.iommu_hw_info, dev_id=dev_id, data_len=data_len, data_uptr=buf.addr)
+        self.ioctl(u.IOMMU_GET_HW_INFO, cmd, "IOMMU_GET_HW_INFO")
+        n = min(int(cmd.data_len), data_len)
+        return HwInfo(
+            data_type=int(cmd.out_data_type),
+            capabilities=int(cmd.out_capabilities),
+            max_pasid_log2=int(cmd.out_max_pasid_log2),
+            data=buf.read(0, n),
+        )
+
+    def mmap(self, length: int, *, backed: bool = True) -> UserBuffer:
+        """User memory on the same transport (to map into an IOAS)."""
+        return self.transport.mmap(length, backed=backed)
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.scratch.close()
+        call(IommufdError, "close(iommufd)", self.transport.close, self.fd)
+
+    def __enter__(self) -> Iommufd:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _Object:
+    """An iommufd object: an id inside one Iommufd; ``destroy()`` / context manager."""
+
+    def __init__(self, ictx: Iommufd, obj_id: int) -> None:
+        self.ictx = ictx
+        self.id = obj_id
+        self.destroyed = False
+
+    def destroy(self) -> None:
+        """IOMMU_DESTROY; a no-op once destroyed or after the iommufd was closed."""
+        if self.destroyed or self.ictx.closed:
+            self.destroyed = True
+            return
+        self.ictx.destroy(self.id)
+        self.destroyed = True
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.destroy()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id})"
+
+
+class Ioas(_Object):
+    """An IO address space: IOVA -> user memory mappings shared by its HWPTs."""
+
+    def map(
+        self,
+        user: UserBuffer | int,
+        length: int | None = None,
+        *,
+        iova: int | None = None,
+        readable: bool = True,
+        writeable: bool = True,
+    ) -> int:
+        """IOMMU_IOAS_MAP; returns the IOVA (chosen by the kernel when ``iova`` is None)."""
+        user_va = user.addr if isinstance(user, UserBuffer) else user
+        if length is None:
+            if not isinstance(user, UserBuffer):
+                raise ValueError("length is required when mapping a raw address")
+            length = user.length
+        flags = _rw_flags(readable, writeable)
+        if iova is not None:
+            flags |= u.IOMMU_IOAS_MAP_FIXED_IOVA
+        cmd = _struct(
+            u.iommu_ioas_map,
+            flags=flags,
+            ioas_id=self.id,
+            user_va=user_va,
+            length=length,
+            iova=iova or 0,
+        )
+        where = f"iova={iova:#x}" if iova is not None else "auto"
+        self.ictx.ioctl(u.IOMMU_IOAS_MAP, cmd, f"IOMMU_IOAS_MAP({where}, {length:#x})", IoasError)
+        return int(cmd.iova)
+
+    def unmap(self, iova: int, length: int) -> int:
+        """IOMMU_IOAS_UNMAP of whole areas inside ``[iova, iova+length)``; bytes unmapped."""
+        cmd = _struct(u.iommu_ioas_unmap, ioas_id=self.id, iova=iova, length=length)
+        op = f"IOMMU_IOAS_UNMAP({iova:#x}, {length:#x})"
+        self.ictx.ioctl(u.IOMMU_IOAS_UNMAP, cmd, op, IoasError)
+        return int(cmd.length)
+
+    def unmap_all(self) -> int:
+        cmd = _struct(u.iommu_ioas_unmap, ioas_id=self.id, iova=0, length=U64_MAX)
+        self.ictx.ioctl(u.IOMMU_IOAS_UNMAP, cmd, "IOMMU_IOAS_UNMAP(all)", IoasError)
+        return int(cmd.length)
+
+    def copy(
+        self,
+        src_iova: int,
+        length: int,
+        *,
+        dst: Ioas | None = None,
+        dst_iova: int | None = None,
+        readable: bool = True,
+        writeable: bool = True,
+    ) -> int:
+        """IOMMU_IOAS_COPY of mapped pages of this IOAS into ``dst`` (default: this IOAS)."""
+        target = dst if dst is not None else self
+        flags = _rw_flags(readable, writeable)
+        if dst_iova is not None:
+            flags |= u.IOMMU_IOAS_MAP_FIXED_IOVA
+        cmd = _struct(
+            u.iommu_ioas_copy,
+            flags=flags,
+            dst_ioas_id=target.id,
+            src_ioas_id=self.id,
+            length=length,
+            dst_iova=dst_iova or 0,
+            src_iova=src_iova,
+        )
+        self.ictx.ioctl(
+            u.IOMMU_IOAS_COPY, cmd, f"IOMMU_IOAS_COPY({src_iova:#x}, {length:#x})", IoasError
+        )
+        return int(cmd.dst_iova)
+
+    def iova_ranges(self) -> IovaRanges:
+        """IOMMU_IOAS_IOVA_RANGES (grows its buffer and asks again on EMSGSIZE)."""
+        rsize = ctypes.sizeof(u.iommu_iova_range)
+        capacity = 8
+        for _ in range(8):
+            buf = self.ictx.scratch.get("iova_ranges", capacity * rsize)
+            cmd = _struct(
+                u.iommu_ioas_iova_ranges,
+                ioas_id=self.id,
+                num_iovas=capacity,
+                allowed_iovas=buf.addr,
+            )
+            try:
+                self.ictx.ioctl(u.IOMMU_IOAS_IOVA_RANGES, cmd, "IOMMU_IOAS_IOVA_RANGES", IoasError)
+            except IoasError as e:
+                if e.errno == EMSGSIZE and cmd.num_iovas > capacity:
+                    capacity = int(cmd.num_iovas)
+                    continue
+                raise
+            n = int(cmd.num_iovas)
+            arr = (u.iommu_iova_range * n).from_buffer_copy(buf.read(0, n * rsize))
+            return IovaRanges(
+                tuple((int(r.start), int(r.last)) for r in arr), int(cmd.out_iova_alignment)
+            )
+        raise IoasError(EMSGSIZE, "IOMMU_IOAS_IOVA_RANGES", "the range list kept growing")
+
+    def allow_iovas(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """IOMMU_IOAS_ALLOW_IOVAS: restrict automatic IOVAs to these inclusive ranges."""
+        arr = (u.iommu_iova_range * len(ranges))(
+            *(u.iommu_iova_range(start=s, last=last) for s, last in ranges)
+        )
+        buf = self.ictx.scratch.get("allow_iovas", ctypes.sizeof(arr))
+        if ranges:
+            buf.write(bytes(arr))
+        cmd = _struct(
+            u.iommu_ioas_allow_iovas,
+            ioas_id=self.id,
+            num_iovas=len(ranges),
+            allowed_iovas=buf.addr if ranges else 0,
+        )
+        self.ictx.ioctl(u.IOMMU_IOAS_ALLOW_IOVAS, cmd, "IOMMU_IOAS_ALLOW_IOVAS", IoasError)
+
+    def set_huge_pages(self, enable: bool) -> None:
+        """IOMMU_OPTION HUGE_PAGES: off forces 4 KiB IOPTEs (4 KiB dirty granularity)."""
+        cmd = _struct(
+            u.iommu_option,
+            option_id=u.IOMMU_OPTION_HUGE_PAGES,
+            op=u.IOMMU_OPTION_OP_SET,
+            object_id=self.id,
+            val64=int(enable),
+        )
+        self.ictx.ioctl(u.IOMMU_OPTION, cmd, "IOMMU_OPTION(HUGE_PAGES, SET)", IoasError)
+
+    def huge_pages(self) -> bool:
+        cmd = _struct(
+            u.iommu_option,
+            option_id=u.IOMMU_OPTION_HUGE_PAGES,
+            op=u.IOMMU_OPTION_OP_GET,
+            object_id=self.id,
+        )
+        self.ictx.ioctl(u.IOMMU_OPTION, cmd, "IOMMU_OPTION(HUGE_PAGES, GET)", IoasError)
+        return bool(cmd.val64)
+
+
+class Hwpt(_Object):
+    """A paging HW page table (``hwpt_paging``); dirty tracking when allocated with it."""
+
+    def __init__(self, ictx: Iommufd, obj_id: int, ioas: Ioas | None, dirty: bool) -> None:
+        super().__init__(ictx, obj_id)
+        self.ioas = ioas
+        self.dirty_capable = dirty
+
+    def set_dirty_tracking(self, enable: bool) -> None:
+        """IOMMU_HWPT_SET_DIRTY_TRACKING; enabling clears every dirty bit first."""
+        flags = u.IOMMU_HWPT_DIRTY_TRACKING_ENABLE if enable else 0
+        cmd = _struct(u.iommu_hwpt_set_dirty_tracking, flags=flags, hwpt_id=self.id)
+        op = f"IOMMU_HWPT_SET_DIRTY_TRACKING({'enable' if enable else 'disable'})"
+        self.ictx.ioctl(u.IOMMU_HWPT_SET_DIRTY_TRACKING, cmd, op, HwptError)
+
+    def get_dirty_bitmap(
+        self, iova: int, length: int, page_size: int = 4096, *, no_clear: bool = False
+    ) -> DirtyBitmap:
+        """IOMMU_HWPT_GET_DIRTY_BITMAP of ``[iova, iova+length)`` (read-and-clear unless
+        ``no_clear``). The kernel swallows walk errors: unmapped holes report clean."""
+        nbytes = bitmap_bytes(length, page_size)
+        buf = self.ictx.scratch.get("dirty_bitmap", min(nbytes, MAX_BITMAP_BYTES))
+        flags = u.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR if no_clear else 0
+        cmd = _struct(
+            u.iommu_hwpt_get_dirty_bitmap,
+            hwpt_id=self.id,
+            flags=flags,
+            iova=iova,
+            length=length,
+            page_size=page_size,
+            data=buf.addr,
+        )
+        op = f"IOMMU_HWPT_GET_DIRTY_BITMAP({iova:#x}, {length:#x}, {page_size:#x}"
+        op += ", NO_CLEAR)" if no_clear else ")"
+        self.ictx.ioctl(u.IOMMU_HWPT_GET_DIRTY_BITMAP, cmd, op, HwptError)
+        return DirtyBitmap.from_words(
+            iova, length, page_size, buf.words(min(nbytes, MAX_BITMAP_BYTES))
+        )
+
+
+def _rw_flags(readable: bool, writeable: bool) -> int:
+    flags = 0
+    if readable:
+        flags |= u.IOMMU_IOAS_MAP_READABLE
+    if writeable:
+        flags |= u.IOMMU_IOAS_MAP_WRITEABLE
+    return flags
+
+
+def _flag_op(name: str, flags: int) -> str:
+    return f"{name}(flags={flags:#x})" if flags else name

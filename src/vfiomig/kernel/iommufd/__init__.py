@@ -1,0 +1,1 @@
+"""iommufd: /dev/iommu, its object table and commands (drivers/iommu/iommufd/)."""

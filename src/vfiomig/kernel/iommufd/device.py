@@ -1,0 +1,265 @@
+"""iommufd DEVICE objects: a VFIO device bound to an iommufd (drivers/iommu/iommufd/device.c).
+
+bind / unbind, attach / replace / detach to a paging HWPT or to an IOAS (through an
+automatic HWPT, created or reused), and IOMMU_GET_HW_INFO. Each modelled device is alone
+in its IOMMU group, so the group's attachment is the device's.
+
+Attaching sets the device hardware's `domain` (DmaDevice.domain): from then on its DMA is
+translated and dirty-tracked by that HWPT's IO page table; detaching blocks its DMA.
+"""
+
+from __future__ import annotations
+
+from errno import EFAULT, EINVAL, ENOENT, EOPNOTSUPP
+from typing import Any
+
+from vfiomig.kernel.errors import err
+from vfiomig.kernel.iommufd.hw_pagetable import IommufdHwptPaging, iommufd_hwpt_paging_alloc
+from vfiomig.kernel.iommufd.ioas import IommufdIoas
+from vfiomig.kernel.iommufd.iommu_drivers import iommu_driver
+from vfiomig.kernel.iommufd.main import (
+    IommufdCtx,
+    IommufdObject,
+    IommufdObjectType,
+    Ucmd,
+    register,
+)
+from vfiomig.uapi import iommufd as u
+
+
+class IommufdDevice(IommufdObject):
+    type = IommufdObjectType.DEVICE
+
+    def __init__(self, ictx: IommufdCtx, vdev: Any) -> None:
+        super().__init__()
+        self.ictx = ictx
+        self.vdev = vdev  # the VfioDevice (its driver, its IOMMU capabilities)
+        self.hwpt: IommufdHwptPaging | None = None  # igroup->hwpt
+
+    @property
+    def dirty_capable(self) -> bool:
+        """device_iommu_capable(dev, IOMMU_CAP_DIRTY_TRACKING): the device's IOMMU instance
+        can track dirty IOVAs (and the machine's IOMMU model has dirty tracking at all)."""
+        machine = getattr(self.ictx.kernel.iommu, "dirty_capable", True)
+        return bool(getattr(self.vdev, "iommu_dirty", True)) and bool(machine)
+
+    @property
+    def hw(self) -> Any:
+        return getattr(self.vdev, "hw", None)
+
+
+def iommufd_device_bind(ictx: IommufdCtx, vdev: Any) -> IommufdDevice:
+    idev = ictx.alloc(IommufdDevice(ictx, vdev))
+    # The driver is a user until iommufd_device_unbind(): IOMMU_DESTROY of it is EBUSY.
+    idev.users += 1
+    return idev
+
+
+def iommufd_device_unbind(idev: IommufdDevice) -> None:
+    """vfio_iommufd_physical_unbind: detach if attached, then unbind."""
+    if idev.hwpt is not None:
+        iommufd_device_detach(idev)
+    idev.users -= 1
+    idev.ictx.remove(idev)
+
+
+# -- attach ----------------------------------------------------------------------------
+
+
+def _enforce_resv_regions(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
+    """iopt_table_enforce_dev_resv_regions: the device's MSI window becomes reserved IOVA
+    of the IOAS (EADDRINUSE if something is mapped or allowed there)."""
+    iopt = hwpt.ioas.iopt
+    try:
+        for start, last in iommu_driver(idev.ictx.kernel).resv_regions:
+            iopt.reserve_iova(start, last, idev)
+    except OSError:
+        iopt.remove_reserved_iova(idev)
+        raise
+
+
+def _driver_attach(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
+    """iommu_attach_group -> ops->attach_dev: a dirty-tracking domain needs a device whose
+    IOMMU can track dirty state (intel_iommu: !ssads_supported -> -EINVAL; arm-smmu-v3:
+    no HTTU-HD -> -EINVAL)."""
+    if hwpt.domain.has_dirty_ops and not idev.dirty_capable:
+        raise err(EINVAL)
+
+
+def _hw_attach(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
+    hw = idev.hw
+    if hw is not None:
+        hwpt.domain.attach(hw, dirty_capable=idev.dirty_capable)
+        hw.domain = hwpt.domain
+
+
+def _hw_detach(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
+    hw = idev.hw
+    if hw is not None:
+        hwpt.domain.detach(hw)
+        if hw.domain is hwpt.domain:
+            hw.domain = None
+
+
+def iommufd_hw_pagetable_attach(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
+    if idev.hwpt is not None and idev.hwpt is not hwpt:
+        raise err(EINVAL)
+    _enforce_resv_regions(hwpt, idev)
+    try:
+        _driver_attach(hwpt, idev)
+    except OSError:
+        hwpt.ioas.iopt.remove_reserved_iova(idev)
+        raise
+    _hw_attach(hwpt, idev)
+    idev.hwpt = hwpt
+    hwpt.devices.append(idev)
+    hwpt.users += 1
+
+
+def iommufd_hw_pagetable_detach(idev: IommufdDevice) -> IommufdHwptPaging:
+    """Returns the HWPT; the caller puts it (iommufd_hw_pagetable_put)."""
+    hwpt = idev.hwpt
+    assert hwpt is not None
+    _hw_detach(hwpt, idev)
+    idev.hwpt = None
+    hwpt.devices.remove(idev)
+    hwpt.ioas.iopt.remove_reserved_iova(idev)
+    return hwpt
+
+
+def iommufd_hw_pagetable_put(ictx: IommufdCtx, hwpt: IommufdHwptPaging) -> None:
+    """An automatic HWPT is destroyed with its last device."""
+    if hwpt.auto_domain:
+        ictx.put_and_try_destroy(hwpt)
+    else:
+        hwpt.users -= 1
+
+
+def _do_attach(idev: IommufdDevice, hwpt: IommufdHwptPaging) -> IommufdHwptPaging | None:
+    iommufd_hw_pagetable_attach(hwpt, idev)
+    return None
+
+
+def _do_replace(idev: IommufdDevice, hwpt: IommufdHwptPaging) -> IommufdHwptPaging | None:
+    """iommufd_device_do_replace: returns the old HWPT for the caller to put."""
+    old = idev.hwpt
+    if old is None:
+        raise err(EINVAL)
+    if hwpt is old:
+        return None
+    iopt = hwpt.ioas.iopt
+    other_ioas = hwpt.ioas is not old.ioas
+    if other_ioas:
+        _enforce_resv_regions(hwpt, idev)
+    try:
+        _driver_attach(hwpt, idev)  # iommu_group_replace_domain
+    except OSError:
+        if other_ioas:
+            iopt.remove_reserved_iova(idev)
+        raise
+    _hw_detach(old, idev)
+    _hw_attach(hwpt, idev)
+    if other_ioas:
+        old.ioas.iopt.remove_reserved_iova(idev)
+    old.devices.remove(idev)
+    idev.hwpt = hwpt
+    hwpt.devices.append(idev)
+    hwpt.users += 1
+    return old
+
+
+def _auto_get_domain(
+    idev: IommufdDevice, ioas: IommufdIoas, replace: bool
+) -> tuple[int, IommufdHwptPaging | None]:
+    """iommufd_device_auto_get_domain: reuse a compatible automatic HWPT of the IOAS (EINVAL
+    means incompatible, try the next), else make one. Returns (hwpt id, HWPT to put)."""
+    do = _do_replace if replace else _do_attach
+    for hwpt in list(ioas.hwpt_list):
+        if not hwpt.auto_domain:
+            continue
+        try:
+            destroy = do(idev, hwpt)
+        except OSError as e:
+            if e.errno == EINVAL:
+                continue
+            raise
+        return hwpt.id, destroy
+    hwpt = iommufd_hwpt_paging_alloc(idev.ictx, ioas, idev, 0, not replace, False)
+    destroy = None
+    if replace:
+        try:
+            destroy = _do_replace(idev, hwpt)
+        except OSError:
+            idev.ictx.remove(hwpt)
+            raise
+    hwpt.auto_domain = True
+    return hwpt.id, destroy
+
+
+def iommufd_device_change_pt(idev: IommufdDevice, pt_id: int, replace: bool) -> int:
+    """iommufd_device_change_pt: returns the id of the HWPT attached (the new pt_id)."""
+    ictx = idev.ictx
+    pt_obj = ictx.find(pt_id)
+    if pt_obj is None:
+        raise err(ENOENT)
+    if isinstance(pt_obj, IommufdHwptPaging):
+        destroy = (_do_replace if replace else _do_attach)(idev, pt_obj)
+    elif isinstance(pt_obj, IommufdIoas):
+        pt_id, destroy = _auto_get_domain(idev, pt_obj, replace)
+    else:
+        raise err(EINVAL)
+    if destroy is not None:
+        iommufd_hw_pagetable_put(ictx, destroy)
+    return pt_id
+
+
+def iommufd_device_attach(idev: IommufdDevice, pt_id: int) -> int:
+    pt_id = iommufd_device_change_pt(idev, pt_id, replace=False)
+    idev.users += 1  # pairs with iommufd_device_detach
+    return pt_id
+
+
+def iommufd_device_replace(idev: IommufdDevice, pt_id: int) -> int:
+    return iommufd_device_change_pt(idev, pt_id, replace=True)
+
+
+def iommufd_device_detach(idev: IommufdDevice) -> None:
+    hwpt = iommufd_hw_pagetable_detach(idev)
+    iommufd_hw_pagetable_put(idev.ictx, hwpt)
+    idev.users -= 1
+
+
+# -- IOMMU_GET_HW_INFO -----------------------------------------------------------------
+
+
+@register(u.IOMMU_GET_HW_INFO, u.iommu_hw_info, 32)
+def iommufd_get_hw_info(ucmd: Ucmd) -> int:
+    cmd = ucmd.cmd
+    if cmd.flags & ~u.IOMMU_HW_INFO_FLAG_INPUT_TYPE:
+        raise err(EOPNOTSUPP)
+    if any(cmd.__reserved):
+        raise err(EOPNOTSUPP)
+    if not cmd.flags & u.IOMMU_HW_INFO_FLAG_INPUT_TYPE:
+        cmd.in_data_type = u.IOMMU_HW_INFO_TYPE_DEFAULT
+    idev = ucmd.ictx.get(cmd.dev_id, IommufdDevice)
+    driver = iommu_driver(ucmd.ictx.kernel)
+    # ops->hw_info: the default type or the driver's own; anything else is refused.
+    if cmd.in_data_type not in (u.IOMMU_HW_INFO_TYPE_DEFAULT, driver.hw_info_type):
+        raise err(EOPNOTSUPP)
+    data = driver.hw_info(idev.dirty_capable)
+    cmd.out_data_type = driver.hw_info_type
+    copy_len = min(cmd.data_len, len(data))
+    mm = ucmd.ictx.kernel.mm
+    try:
+        if copy_len:
+            mm.write(cmd.data_uptr, data[:copy_len])
+        if copy_len < cmd.data_len:  # clear_user of the rest of a larger buffer
+            mm.view(cmd.data_uptr + copy_len, cmd.data_len - copy_len)[:] = 0
+    except OSError:
+        raise err(EFAULT) from None
+    cmd.data_len = len(data)
+    cmd.out_capabilities = 0
+    if idev.dirty_capable:
+        cmd.out_capabilities |= u.IOMMU_HW_CAP_DIRTY_TRACKING
+    ucmd.respond()
+    return 0

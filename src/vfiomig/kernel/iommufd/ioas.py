@@ -1,0 +1,228 @@
+"""IOAS objects and their commands (drivers/iommu/iommufd/ioas.c).
+
+An IOAS is an io_pagetable (io_pagetable.py) plus the list of paging HWPTs that mirror
+it. Handlers read as the kernel's: check the command, get the object (ENOENT), do the
+iopt_* work, respond.
+"""
+
+from __future__ import annotations
+
+import struct
+from errno import EFAULT, EINVAL, EMSGSIZE, ENOENT, EOPNOTSUPP, EOVERFLOW
+from typing import TYPE_CHECKING
+
+from vfiomig.kernel.errors import err
+from vfiomig.kernel.iommufd.io_pagetable import (
+    IOMMU_CACHE,
+    IOMMU_READ,
+    IOMMU_WRITE,
+    U64_MAX,
+    ULONG_MAX,
+    IoPagetable,
+    _spans,
+)
+from vfiomig.kernel.iommufd.main import (
+    IommufdCtx,
+    IommufdObject,
+    IommufdObjectType,
+    Ucmd,
+    register,
+)
+from vfiomig.kernel.uaccess import user_read, user_write
+from vfiomig.uapi import iommufd as u
+
+if TYPE_CHECKING:
+    from vfiomig.kernel.iommufd.hw_pagetable import IommufdHwptPaging
+
+_RANGE = struct.Struct("<QQ")  # struct iommu_iova_range {start, last}
+_MAP_FLAGS = u.IOMMU_IOAS_MAP_FIXED_IOVA | u.IOMMU_IOAS_MAP_WRITEABLE | u.IOMMU_IOAS_MAP_READABLE
+_RW = u.IOMMU_IOAS_MAP_WRITEABLE | u.IOMMU_IOAS_MAP_READABLE
+
+
+class IommufdIoas(IommufdObject):
+    """struct iommufd_ioas."""
+
+    type = IommufdObjectType.IOAS
+
+    def __init__(self, ictx: IommufdCtx) -> None:
+        super().__init__()
+        self.ictx = ictx
+        self.iopt = IoPagetable(ictx.kernel.mm)
+        self.hwpt_list: list[IommufdHwptPaging] = []
+
+    def destroy(self) -> None:
+        """iommufd_ioas_destroy: unmap everything (no domain or access can be left)."""
+        self.iopt.unmap_all()
+
+
+def iommufd_ioas_alloc(ictx: IommufdCtx) -> IommufdIoas:
+    return ictx.alloc(IommufdIoas(ictx))
+
+
+def iommufd_get_ioas(ictx: IommufdCtx, ioas_id: int) -> IommufdIoas:
+    return ictx.get(ioas_id, IommufdIoas)
+
+
+def conv_iommu_prot(map_flags: int) -> int:
+    prot = IOMMU_CACHE
+    if map_flags & u.IOMMU_IOAS_MAP_WRITEABLE:
+        prot |= IOMMU_WRITE
+    if map_flags & u.IOMMU_IOAS_MAP_READABLE:
+        prot |= IOMMU_READ
+    return prot
+
+
+@register(u.IOMMU_IOAS_ALLOC, u.iommu_ioas_alloc, 12)
+def iommufd_ioas_alloc_ioctl(ucmd: Ucmd) -> int:
+    cmd = ucmd.cmd
+    if cmd.flags:
+        raise err(EOPNOTSUPP)
+    ioas = iommufd_ioas_alloc(ucmd.ictx)
+    cmd.out_ioas_id = ioas.id
+    try:
+        ucmd.respond()
+    except OSError:
+        ucmd.ictx.remove(ioas)  # iommufd_object_abort_and_destroy
+        raise
+    return 0
+
+
+@register(u.IOMMU_IOAS_IOVA_RANGES, u.iommu_ioas_iova_ranges, 32)
+def iommufd_ioas_iova_ranges(ucmd: Ucmd) -> int:
+    """The holes of the reserved tree; EMSGSIZE (after responding) when they do not fit."""
+    cmd = ucmd.cmd
+    if cmd.__reserved:
+        raise err(EOPNOTSUPP)
+    ioas = iommufd_get_ioas(ucmd.ictx, cmd.ioas_id)
+    iopt = ioas.iopt
+    max_iovas = cmd.num_iovas
+    ranges = cmd.allowed_iovas
+    cmd.num_iovas = 0
+    cmd.out_iova_alignment = iopt.iova_alignment
+    mm = ucmd.ictx.kernel.mm
+    used = [(r.start, r.last) for r in iopt.reserved]
+    for is_hole, start, last in _spans(used, 0, ULONG_MAX):
+        if not is_hole:
+            continue
+        if cmd.num_iovas < max_iovas:
+            try:
+                user_write(mm, ranges + cmd.num_iovas * _RANGE.size, _RANGE.pack(start, last))
+            except OSError:
+                raise err(EFAULT) from None
+        cmd.num_iovas += 1
+    ucmd.respond()
+    if cmd.num_iovas > max_iovas:
+        raise err(EMSGSIZE)
+    return 0
+
+
+def _load_iovas(ucmd: Ucmd, ptr: int, num: int) -> list[tuple[int, int]]:
+    """iommufd_ioas_load_iovas: each start < last, no two overlapping (EINVAL)."""
+    mm = ucmd.ictx.kernel.mm
+    loaded: list[tuple[int, int]] = []
+    for i in range(num):
+        try:
+            start, last = _RANGE.unpack(user_read(mm, ptr + i * _RANGE.size, _RANGE.size))
+        except OSError:
+            raise err(EFAULT) from None
+        if start >= last:
+            raise err(EINVAL)
+        if any(s <= last and e >= start for s, e in loaded):
+            raise err(EINVAL)
+        loaded.append((start, last))
+    return loaded
+
+
+@register(u.IOMMU_IOAS_ALLOW_IOVAS, u.iommu_ioas_allow_iovas, 24)
+def iommufd_ioas_allow_iovas(ucmd: Ucmd) -> int:
+    cmd = ucmd.cmd
+    if cmd.__reserved:
+        raise err(EOPNOTSUPP)
+    ioas = iommufd_get_ioas(ucmd.ictx, cmd.ioas_id)
+    ranges = _load_iovas(ucmd, cmd.allowed_iovas, cmd.num_iovas)
+    ioas.iopt.set_allow_iova(ranges)
+    return 0
+
+
+@register(u.IOMMU_IOAS_MAP, u.iommu_ioas_map, 40)
+def iommufd_ioas_map(ucmd: Ucmd) -> int:
+    cmd = ucmd.cmd
+    if cmd.flags & ~_MAP_FLAGS or cmd.__reserved:
+        raise err(EOPNOTSUPP)
+    if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
+        raise err(EOVERFLOW)
+    if not cmd.flags & _RW:
+        raise err(EINVAL)
+    ioas = iommufd_get_ioas(ucmd.ictx, cmd.ioas_id)
+    fixed = cmd.flags & u.IOMMU_IOAS_MAP_FIXED_IOVA
+    iova = ioas.iopt.map_user_pages(
+        cmd.user_va, cmd.length, cmd.iova if fixed else None, conv_iommu_prot(cmd.flags)
+    )
+    cmd.iova = iova
+    ucmd.respond()
+    return 0
+
+
+@register(u.IOMMU_IOAS_COPY, u.iommu_ioas_copy, 40)
+def iommufd_ioas_copy(ucmd: Ucmd) -> int:
+    cmd = ucmd.cmd
+    if cmd.flags & ~_MAP_FLAGS:
+        raise err(EOPNOTSUPP)
+    if cmd.length >= ULONG_MAX or cmd.src_iova >= ULONG_MAX or cmd.dst_iova >= ULONG_MAX:
+        raise err(EOVERFLOW)
+    if not cmd.flags & _RW:
+        raise err(EINVAL)
+    src = iommufd_get_ioas(ucmd.ictx, cmd.src_ioas_id)
+    pages = src.iopt.get_pages(cmd.src_iova, cmd.length)
+    dst = iommufd_get_ioas(ucmd.ictx, cmd.dst_ioas_id)
+    fixed = cmd.flags & u.IOMMU_IOAS_MAP_FIXED_IOVA
+    iova = dst.iopt.map_pages(
+        pages, cmd.length, cmd.dst_iova if fixed else None, conv_iommu_prot(cmd.flags)
+    )
+    cmd.dst_iova = iova
+    ucmd.respond()
+    return 0
+
+
+@register(u.IOMMU_IOAS_UNMAP, u.iommu_ioas_unmap, 24)
+def iommufd_ioas_unmap(ucmd: Ucmd) -> int:
+    """Unmap-all of an empty IOAS succeeds; any other range with nothing in it is ENOENT."""
+    cmd = ucmd.cmd
+    ioas = iommufd_get_ioas(ucmd.ictx, cmd.ioas_id)
+    if cmd.iova == 0 and cmd.length == U64_MAX:
+        rc, unmapped = ioas.iopt.unmap_all()
+        if rc:
+            raise err(rc)
+    else:
+        if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
+            raise err(EOVERFLOW)
+        rc, unmapped = ioas.iopt.unmap_iova(cmd.iova, cmd.length)
+        if rc:
+            raise err(rc)
+        if not unmapped:
+            raise err(ENOENT)
+    cmd.length = unmapped
+    ucmd.respond()
+    return 0
+
+
+def iommufd_ioas_option(ucmd: Ucmd) -> int:
+    """iommufd_ioas_option (IOMMU_OPTION_HUGE_PAGES), called from main.iommufd_option."""
+    cmd = ucmd.cmd
+    if cmd.__reserved:
+        raise err(EOPNOTSUPP)
+    ioas = iommufd_get_ioas(ucmd.ictx, cmd.object_id)
+    if cmd.option_id != u.IOMMU_OPTION_HUGE_PAGES:
+        raise err(EOPNOTSUPP)
+    if cmd.op == u.IOMMU_OPTION_OP_GET:
+        cmd.val64 = int(not ioas.iopt.disable_large_pages)
+        return 0
+    if cmd.op == u.IOMMU_OPTION_OP_SET:
+        if cmd.val64 == 0:
+            ioas.iopt.disable_large_pages_()
+            return 0
+        if cmd.val64 == 1:
+            ioas.iopt.enable_large_pages()
+            return 0
+        raise err(EINVAL)
+    raise err(EOPNOTSUPP)

@@ -1,0 +1,147 @@
+"""ModelKernel: one modelled Linux 7.2 machine seen from one process.
+
+The syscall surface (open, ioctl, read, write, close, mmap) is the only way in, and every
+failure leaves it as OSError with the errno the real syscall gives. Device nodes:
+
+    /dev/iommu                  iommufd (drivers/iommu/iommufd/main.c)
+    /dev/vfio/devices/vfioN     VFIO device cdev (drivers/vfio/device_cdev.c)
+    /dev/vfio/vfio, /dev/vfio/N legacy container and groups (drivers/vfio/container.c, group.c)
+
+Beneath it, `vfiomig.hw` models the IOMMU and memory. `device(path)` gives the hardware side
+of a device (its DMA engine) for workloads and tests.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from collections.abc import Callable
+from errno import EBADF, EINVAL, ENOENT
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from vfiomig.hw.memory import Memory
+from vfiomig.kernel.errors import err
+from vfiomig.kernel.fs import FdTable, File
+from vfiomig.kernel.uaccess import UserArg
+
+DEVICES_DIR = "/dev/vfio/devices/"
+
+# kind -> constructor(kernel, index, **options) of a VfioDevice; filled by the driver modules
+# when vfiomig.kernel is imported (see vfiomig/kernel/__init__.py).
+DRIVERS: dict[str, Callable[..., Any]] = {}
+
+
+class ModelKernel:
+    def __init__(self, iommu: str = "smmuv3", *, bbml2: bool = False) -> None:
+        from vfiomig.hw.iommu import Iommu  # hw.iommu is the IOMMU model beneath everything
+
+        self.iommu = Iommu(iommu, bbml2=bbml2)
+        self.mm = Memory()
+        self.fdt = FdTable()
+        self.devices: dict[str, Any] = {}  # cdev path -> VfioDevice
+        self.groups: dict[str, Any] = {}  # "/dev/vfio/N" -> VfioGroup
+        # Character devices other than the per-device cdevs: path -> opener returning a File.
+        self.chrdevs: dict[str, Callable[[int], File]] = {}
+        from vfiomig.kernel.iommufd.main import iommufd_fops_open
+
+        self.chrdevs["/dev/iommu"] = lambda flags: iommufd_fops_open(self)
+        from vfiomig.kernel.group import vfio_group_init
+
+        vfio_group_init(self)  # /dev/vfio/vfio, the legacy container (container.c)
+
+    # -- machine set-up ------------------------------------------------------------------
+
+    def add_device(self, kind: str, **options: Any) -> str:
+        """Plug in a device of `kind` ("mtty", "hisi_acc", "reference"); returns its cdev path."""
+        ctor = DRIVERS.get(kind)
+        if ctor is None:
+            known = ", ".join(sorted(DRIVERS))
+            raise ValueError(f"unknown device kind {kind!r} (known: {known})")
+        path = f"{DEVICES_DIR}vfio{len(self.devices)}"
+        self.devices[path] = ctor(self, len(self.devices), **options)
+        from vfiomig.kernel.group import vfio_device_set_group
+
+        vfio_device_set_group(self, self.devices[path])  # its /dev/vfio/N group (group.c)
+        return path
+
+    def device(self, path: str) -> Any:
+        """The hardware side of the device at `path` (DMA engine, faults, internal state)."""
+        try:
+            return self.devices[path].hw
+        except KeyError:
+            raise ValueError(f"no device at {path!r}") from None
+
+    def group_of(self, path: str) -> str:
+        try:
+            return str(self.devices[path].group_path)
+        except KeyError:
+            raise ValueError(f"no device at {path!r}") from None
+
+    # -- syscalls ------------------------------------------------------------------------
+
+    def open(self, path: str, flags: int = os.O_RDWR) -> int:
+        dev = self.devices.get(path)
+        if dev is not None:
+            return self.fdt.install(dev.cdev_open(flags))
+        opener = self.chrdevs.get(path)
+        if opener is None:
+            raise err(ENOENT)
+        return self.fdt.install(opener(flags))
+
+    def ioctl(self, fd: int, request: int, arg: object = 0) -> int:
+        f = self.fdt.get(fd)
+        if not isinstance(request, int) or not 0 <= request < 1 << 32:
+            raise err(EINVAL)
+        uarg: UserArg | int = arg if isinstance(arg, int) else UserArg(arg)
+        return f.ioctl(request, uarg)
+
+    def read(self, fd: int, n: int) -> bytes:
+        f = self.fdt.get(fd)
+        if not f.readable:
+            raise err(EBADF)
+        if not isinstance(n, int) or n < 0:
+            raise err(EINVAL)
+        return f.read(n)
+
+    def write(self, fd: int, data: bytes | bytearray | memoryview) -> int:
+        f = self.fdt.get(fd)
+        if not f.writable:
+            raise err(EBADF)
+        return f.write(bytes(data))
+
+    def lseek(self, fd: int, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.fdt.get(fd).llseek(offset, whence)
+
+    def pread(self, fd: int, n: int, offset: int) -> bytes:
+        f = self.fdt.get(fd)
+        if not f.readable:
+            raise err(EBADF)
+        f.llseek(offset, os.SEEK_SET)  # stream files (no llseek) are ESPIPE, as ksys_pread64
+        return f.read(n)
+
+    def close(self, fd: int) -> None:
+        self.fdt.close(fd)
+
+    def mmap(self, length: int, backed: bool = True) -> tuple[int, npt.NDArray[np.uint8] | None]:
+        """Anonymous user memory: (address, writable numpy view of its bytes or None)."""
+        if not isinstance(length, int):
+            raise err(EINVAL)
+        r = self.mm.mmap(length, backed)
+        return r.addr, r.data
+
+    def munmap(self, addr: int) -> None:
+        """Unmap a whole region returned by mmap (EINVAL for any other address).
+
+        Linux keeps pages pinned by iommufd or type1 alive after munmap; the model does not,
+        so a DMA into them fails. Unmap guest memory from the IOMMU first, as a VMM does.
+        """
+        if not isinstance(addr, int):
+            raise err(EINVAL)
+        self.mm.munmap(addr)
+
+    def poll(self, fd: int, events: int = select.POLLIN | select.POLLOUT) -> int:
+        """Ready events of an fd; files without a ->poll op are always ready (DEFAULT_POLLMASK)."""
+        return self.fdt.get(fd).poll(events)

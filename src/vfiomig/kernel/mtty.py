@@ -1,0 +1,531 @@
+"""The `mtty` device: samples/vfio-mdev/mtty.c (Linux >= 6.7, with migration).
+
+An mdev that emulates one or two 16550 UARTs whose transmitter loops back into its own
+receive FIFO. Because the device is pure software, its "hardware" is the driver's
+`struct serial_port` array; `MttyHw` keeps exactly those bytes and implements the register
+semantics of handle_bar_write / handle_bar_read, so what migrates is the real port state.
+
+Migration (mtty_step_state and friends):
+
+* flags STOP_COPY | P2P | PRE_COPY; DMA logging ops present but no-ops (mtty_log_*);
+* stream = struct mtty_data: a 24-byte header {magic, major, minor, nr_ports, flags} then
+  nr_ports x 36-byte struct serial_port; PRE_COPY offers only the header (initial_bytes =
+  24 - pos, dirty_bytes 0, read returns 0 after it); entering STOP_COPY appends the ports to
+  the same file;
+* resume: writes past 24 + 36n are ENOMEM; the header is checked only by the write that
+  crosses byte 24 (EFAULT, bytes still counted); RESUMING -> STOP with fewer than 24 + 36n
+  bytes is EINVAL and the device stays RESUMING;
+* VFIO_DEVICE_RESET (mtty_reset): state RUNNING, data files disabled; the ports keep their
+  contents (mtty resets no UART state).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from errno import EFAULT, EINVAL
+from typing import TYPE_CHECKING
+
+from vfiomig.hw.device import DmaDevice
+from vfiomig.kernel.errors import err
+from vfiomig.kernel.fs import File
+from vfiomig.kernel.machine import DRIVERS
+from vfiomig.kernel.uaccess import UserArg
+from vfiomig.kernel.vfio_fsm import (
+    PRE_COPY,
+    PRE_COPY_P2P,
+    RESUMING,
+    RUNNING,
+    RUNNING_P2P,
+    STOP,
+    STOP_COPY,
+    state_name,
+)
+from vfiomig.kernel.vfio_main import IovaBitmap, VfioDevice
+from vfiomig.kernel.vfio_migration import ResumingFile, SavingFile
+from vfiomig.uapi import vfio as v
+
+if TYPE_CHECKING:
+    from vfiomig.kernel.machine import ModelKernel
+
+# -- the emulated 16550 (include/uapi/linux/serial_reg.h, mtty.c) ------------------------------
+
+MAX_FIFO_SIZE = 16
+UART_RX = UART_TX = 0
+UART_IER = 1
+UART_IIR = UART_FCR = 2
+UART_LCR = 3
+UART_MCR = 4
+UART_LSR = 5
+UART_MSR = 6
+UART_SCR = 7
+UART_IER_RDI, UART_IER_THRI, UART_IER_RLSI, UART_IER_MSI = 0x01, 0x02, 0x04, 0x08
+UART_IIR_NO_INT, UART_IIR_THRI, UART_IIR_RDI, UART_IIR_RLSI = 0x01, 0x02, 0x04, 0x06
+UART_IIR_MSI = 0x00
+UART_FCR_ENABLE_FIFO, UART_FCR_CLEAR_RCVR, UART_FCR_CLEAR_XMIT = 0x01, 0x02, 0x04
+UART_LCR_DLAB = 0x80
+UART_MCR_DTR, UART_MCR_RTS, UART_MCR_OUT2, UART_MCR_AFE = 0x01, 0x02, 0x08, 0x20
+UART_LSR_DR, UART_LSR_OE, UART_LSR_THRE, UART_LSR_TEMT = 0x01, 0x02, 0x20, 0x40
+UART_MSR_DCTS, UART_MSR_DDSR, UART_MSR_CTS = 0x01, 0x02, 0x10
+UART_MSR_DSR, UART_MSR_DCD = 0x20, 0x80
+
+
+class rxtx(ctypes.LittleEndianStructure):
+    """struct rxtx: the loop-back FIFO (what the guest transmits comes back as RX)."""
+
+    _fields_ = [
+        ("fifo", ctypes.c_uint8 * MAX_FIFO_SIZE),
+        ("head", ctypes.c_uint8),
+        ("tail", ctypes.c_uint8),
+        ("count", ctypes.c_uint8),
+    ]
+
+
+class serial_port(ctypes.LittleEndianStructure):
+    """struct serial_port: one port's whole state, saved as is into the stream."""
+
+    _fields_ = [
+        ("uart_reg", ctypes.c_uint8 * 8),
+        ("rxtx", rxtx),
+        ("dlab", ctypes.c_bool),
+        ("overrun", ctypes.c_bool),
+        ("divisor", ctypes.c_uint16),
+        ("fcr", ctypes.c_uint8),
+        ("max_fifo_size", ctypes.c_uint8),
+        ("intr_trigger_level", ctypes.c_uint8),
+    ]
+
+
+MTTY_MAGIC = 0x7E9D09898C3E2C4E
+MTTY_MAJOR_VER = 1
+MTTY_MINOR_VER = 0
+
+
+class mtty_data(ctypes.LittleEndianStructure):
+    """struct mtty_data: the migration stream (room for two ports whatever nr_ports is)."""
+
+    _fields_ = [
+        ("magic", ctypes.c_uint64),
+        ("major_ver", ctypes.c_uint32),
+        ("minor_ver", ctypes.c_uint32),
+        ("nr_ports", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("ports", serial_port * 2),
+    ]
+
+
+HEADER_SIZE = mtty_data.ports.offset  # offsetof(struct mtty_data, ports)
+PORT_SIZE = ctypes.sizeof(serial_port)
+assert HEADER_SIZE == 24 and PORT_SIZE == 36 and ctypes.sizeof(mtty_data) == 96
+
+
+def mtty_data_size(nr_ports: int) -> int:
+    """mtty_data_size(): the stream of a device with nr_ports ports (60 or 96 bytes)."""
+    return HEADER_SIZE + nr_ports * PORT_SIZE
+
+
+class MttyHw(DmaDevice):
+    """The ports of one mtty device (mdev_state->s[]); port i is BAR i.
+
+    mtty does no DMA; deriving from DmaDevice only gives it the common hardware face.
+    `interrupts` counts mtty_trigger_interrupt() calls: delivery to an eventfd needs
+    VFIO_DEVICE_SET_IRQS, which is not modelled.
+    """
+
+    def __init__(self, dev: MttyDevice, nr_ports: int) -> None:
+        super().__init__(dev.kernel.mm, f"mtty{dev.index}")
+        self.nr_ports = nr_ports
+        self.ports = [serial_port(), serial_port()]
+        for p in self.ports:  # mtty_init_dev
+            p.max_fifo_size = MAX_FIFO_SIZE
+        self.interrupts = 0
+
+    def _port(self, index: int) -> serial_port:
+        if not 0 <= index < self.nr_ports:
+            raise ValueError(f"port {index} does not exist (nr_ports={self.nr_ports})")
+        return self.ports[index]
+
+    def _irq(self) -> None:
+        self.interrupts += 1
+
+    # -- guest register access (handle_bar_write / handle_bar_read) ---------------------------
+
+    def bar_write(self, index: int, offset: int, data: int) -> None:
+        s = self._port(index)
+        data &= 0xFF
+        handler = _BAR_WRITE.get(offset)
+        if handler is not None:
+            handler(self, s, data)
+
+    def bar_read(self, index: int, offset: int) -> int:
+        s = self._port(index)
+        handler = _BAR_READ.get(offset)
+        return handler(self, s) if handler is not None else 0
+
+    # -- conveniences for workloads and tests -------------------------------------------------
+
+    def send(self, index: int, data: bytes) -> None:
+        """The guest writes each byte to THR (it loops back into the RX FIFO)."""
+        for b in data:
+            self.bar_write(index, UART_TX, b)
+
+    def recv(self, index: int, n: int) -> bytes:
+        """The guest reads RBR while LSR says data is ready, at most n bytes."""
+        out = bytearray()
+        while len(out) < n and self.bar_read(index, UART_LSR) & UART_LSR_DR:
+            out.append(self.bar_read(index, UART_RX))
+        return bytes(out)
+
+    def port_bytes(self, index: int) -> bytes:
+        return bytes(self._port(index))
+
+
+def _fifo_empty(s: serial_port) -> bool:
+    return bool(s.rxtx.head == s.rxtx.tail)
+
+
+def _w_tx(hw: MttyHw, s: serial_port, data: int) -> None:
+    if s.dlab:  # DLAB: data is the divisor's LSB (OR-ed in, as mtty does)
+        s.divisor |= data
+        return
+    if s.rxtx.count < s.max_fifo_size:
+        s.rxtx.fifo[s.rxtx.head] = data
+        s.rxtx.count += 1
+        s.rxtx.head = (s.rxtx.head + 1) & (MAX_FIFO_SIZE - 1)
+        s.overrun = False
+        if s.uart_reg[UART_IER] & UART_IER_RDI and s.rxtx.count == s.intr_trigger_level:
+            hw._irq()
+    else:
+        s.overrun = True
+        if s.uart_reg[UART_IER] & UART_IER_RLSI:
+            hw._irq()
+
+
+def _w_ier(hw: MttyHw, s: serial_port, data: int) -> None:
+    if s.dlab:
+        s.divisor |= data << 8
+        return
+    s.uart_reg[UART_IER] = data
+    if data & UART_IER_THRI and _fifo_empty(s):
+        hw._irq()
+
+
+def _w_fcr(hw: MttyHw, s: serial_port, data: int) -> None:
+    s.fcr = data
+    if data & (UART_FCR_CLEAR_RCVR | UART_FCR_CLEAR_XMIT):
+        s.rxtx.count = s.rxtx.head = s.rxtx.tail = 0
+    # mtty decodes the FCR trigger bits (1/4/8/14) and then overrides the result with 1, as
+    # it emulates no character-timeout timer: the effective level is always 1.
+    s.intr_trigger_level = 1
+    s.max_fifo_size = MAX_FIFO_SIZE if data & UART_FCR_ENABLE_FIFO else 1
+
+
+def _w_lcr(hw: MttyHw, s: serial_port, data: int) -> None:
+    if data & UART_LCR_DLAB:
+        s.dlab = True
+        s.divisor = 0
+    else:
+        s.dlab = False
+    s.uart_reg[UART_LCR] = data
+
+
+def _w_mcr(hw: MttyHw, s: serial_port, data: int) -> None:
+    s.uart_reg[UART_MCR] = data
+    msi = s.uart_reg[UART_IER] & UART_IER_MSI
+    if msi and data & UART_MCR_OUT2:
+        hw._irq()
+    if msi and data & (UART_MCR_RTS | UART_MCR_DTR):
+        hw._irq()
+
+
+def _w_scr(hw: MttyHw, s: serial_port, data: int) -> None:
+    s.uart_reg[UART_SCR] = data
+
+
+def _r_rx(hw: MttyHw, s: serial_port) -> int:
+    if s.dlab:
+        return int(s.divisor) & 0xFF
+    val = 0
+    if not _fifo_empty(s):
+        val = s.rxtx.fifo[s.rxtx.tail]
+        s.rxtx.count -= 1
+        s.rxtx.tail = (s.rxtx.tail + 1) & (MAX_FIFO_SIZE - 1)
+    if _fifo_empty(s) and s.uart_reg[UART_IER] & UART_IER_THRI:
+        hw._irq()
+    return int(val)
+
+
+def _r_ier(hw: MttyHw, s: serial_port) -> int:
+    if s.dlab:
+        return int(s.divisor) >> 8
+    return int(s.uart_reg[UART_IER]) & 0x0F
+
+
+def _r_iir(hw: MttyHw, s: serial_port) -> int:
+    ier = s.uart_reg[UART_IER]
+    val = 0
+    if ier & UART_IER_RLSI and s.overrun:
+        val |= UART_IIR_RLSI
+    if ier & UART_IER_RDI and s.rxtx.count >= s.intr_trigger_level:
+        val |= UART_IIR_RDI
+    if ier & UART_IER_THRI and _fifo_empty(s):
+        val |= UART_IIR_THRI
+    if ier & UART_IER_MSI and s.uart_reg[UART_MCR] & (UART_MCR_RTS | UART_MCR_DTR):
+        val |= UART_IIR_MSI
+    return (val or UART_IIR_NO_INT) | 0xC0  # bits 6-7: 16550 compatible
+
+
+def _r_reg(hw: MttyHw, s: serial_port, offset: int) -> int:
+    return int(s.uart_reg[offset])
+
+
+def _r_lsr(hw: MttyHw, s: serial_port) -> int:
+    lsr = 0
+    if not _fifo_empty(s):
+        lsr |= UART_LSR_DR
+    if s.overrun:
+        lsr |= UART_LSR_OE
+    if _fifo_empty(s):
+        lsr |= UART_LSR_TEMT | UART_LSR_THRE
+    return lsr
+
+
+def _r_msr(hw: MttyHw, s: serial_port) -> int:
+    val = UART_MSR_DSR | UART_MSR_DDSR | UART_MSR_DCD
+    # CTS: with auto flow control only while the FIFO has room (both branches as in mtty)
+    if not s.uart_reg[UART_MCR] & UART_MCR_AFE or s.rxtx.count < s.max_fifo_size:
+        val |= UART_MSR_CTS | UART_MSR_DCTS
+    return val
+
+
+_BAR_WRITE = {
+    UART_TX: _w_tx,
+    UART_IER: _w_ier,
+    UART_FCR: _w_fcr,
+    UART_LCR: _w_lcr,
+    UART_MCR: _w_mcr,
+    UART_SCR: _w_scr,
+}
+_BAR_READ = {
+    UART_RX: _r_rx,
+    UART_IER: _r_ier,
+    UART_IIR: _r_iir,
+    UART_LCR: lambda hw, s: _r_reg(hw, s, UART_LCR),
+    UART_MCR: lambda hw, s: _r_reg(hw, s, UART_MCR),
+    UART_LSR: _r_lsr,
+    UART_MSR: _r_msr,
+    UART_SCR: lambda hw, s: _r_reg(hw, s, UART_SCR),
+}
+
+
+# -- migration files (mtty_save_fops / mtty_resume_fops) -----------------------------------------
+
+
+class MttySavingFile(SavingFile):
+    """struct mtty_migration_file, saving side: `data` filled up to `filled_size`."""
+
+    def __init__(self, dev: MttyDevice) -> None:
+        super().__init__(dev)
+        self.data = mtty_data(
+            magic=MTTY_MAGIC,
+            major_ver=MTTY_MAJOR_VER,
+            minor_ver=MTTY_MINOR_VER,
+            nr_ports=dev.nr_ports,
+        )
+        self.filled_size = HEADER_SIZE
+
+    def save_state(self, hw: MttyHw) -> None:
+        """mtty_save_state: append every port to the stream."""
+        for i in range(hw.nr_ports):
+            self.data.ports[i] = serial_port.from_buffer_copy(bytes(hw.ports[i]))
+            self.filled_size += PORT_SIZE
+
+    def produce(self, n: int) -> bytes:
+        """mtty_save_read: 0 bytes once everything filled so far is read (also in PRE_COPY)."""
+        if self.pos > self.filled_size:
+            raise err(EINVAL)
+        n = min(self.filled_size - self.pos, n)
+        return bytes(self.data)[self.pos : self.pos + n]
+
+    def precopy_info(self, info: v.vfio_precopy_info) -> None:
+        """mtty_precopy_ioctl: the unread header is the initial data; never dirty."""
+        if self.pos > self.filled_size:
+            raise err(EINVAL)
+        info.dirty_bytes = 0
+        info.initial_bytes = self.filled_size - self.pos
+
+    def disable(self) -> None:
+        """mtty_disable_file: also forgets the data and rewinds f_pos."""
+        super().disable()
+        self.filled_size = 0
+        self.pos = 0
+
+
+class MttyResumingFile(ResumingFile):
+    def __init__(self, dev: MttyDevice) -> None:
+        super().__init__(dev)
+        self.nr_ports = dev.nr_ports
+        self.data_size = mtty_data_size(dev.nr_ports)
+        self.max_size = self.data_size
+        self.buf = bytearray(ctypes.sizeof(mtty_data))
+        self.filled_size = 0
+
+    def consume(self, data: bytes) -> int:
+        """mtty_resume_write after its size checks (ENOMEM, ENODEV in ResumingFile.write)."""
+        self.buf[self.pos : self.pos + len(data)] = data
+        crosses = self.filled_size < HEADER_SIZE <= self.filled_size + len(data)
+        self.filled_size += len(data)
+        if crosses and not self._header_ok():
+            self.pos += len(data)  # the bytes stay counted; only this write reports EFAULT
+            raise err(EFAULT)
+        return len(data)
+
+    def _header_ok(self) -> bool:
+        magic, major, minor, nr_ports, flags = struct.unpack_from("<QIIII", self.buf)
+        return (
+            magic == MTTY_MAGIC
+            and not flags
+            and major == MTTY_MAJOR_VER
+            and minor == MTTY_MINOR_VER
+            and nr_ports == self.nr_ports
+        )
+
+    def load_state(self, hw: MttyHw) -> None:
+        """mtty_load_state: only the size is checked here (the header was checked on write)."""
+        if self.filled_size < self.data_size:
+            raise err(EINVAL)
+        for i in range(self.nr_ports):
+            off = HEADER_SIZE + i * PORT_SIZE
+            hw.ports[i] = serial_port.from_buffer_copy(self.buf[off : off + PORT_SIZE])
+
+    def disable(self) -> None:
+        super().disable()
+        self.filled_size = 0
+        self.pos = 0
+
+
+# -- the vfio_device (mtty_dev_ops, mtty_migration_ops, mtty_log_ops) -----------------------------
+
+# Arcs that only change the state (mtty does no DMA and needs no explicit start/stop).
+_NOOP_ARCS = {
+    (RUNNING, RUNNING_P2P),
+    (RUNNING_P2P, RUNNING),
+    (RUNNING_P2P, STOP),
+    (PRE_COPY, PRE_COPY_P2P),
+    (PRE_COPY_P2P, PRE_COPY),
+    (STOP, RUNNING_P2P),
+}
+# Arcs that end the session.
+_CLOSE_ARCS = {(PRE_COPY, RUNNING), (PRE_COPY_P2P, RUNNING_P2P), (STOP_COPY, STOP)}
+# Arcs that open (or, into STOP_COPY, fill) the saving file.
+_SAVE_ARCS = {
+    (RUNNING, PRE_COPY),
+    (RUNNING_P2P, PRE_COPY_P2P),
+    (STOP, STOP_COPY),
+    (PRE_COPY_P2P, STOP_COPY),
+}
+
+
+class MttyDevice(VfioDevice):
+    kind = "mtty"
+    emulated_iommu = True  # an mdev: iommufd gives it an ACCESS, not a domain
+    migration_flags = v.VFIO_MIGRATION_STOP_COPY | v.VFIO_MIGRATION_P2P | v.VFIO_MIGRATION_PRE_COPY
+    has_log_ops = True
+    info_flags = v.VFIO_DEVICE_FLAGS_PCI  # mtty_get_device_info: no RESET flag
+
+    def __init__(self, kernel: ModelKernel, index: int, *, nr_ports: int = 2) -> None:
+        if nr_ports not in (1, 2):  # mtty_types[]: "1" and "2" port types only
+            raise ValueError(f"nr_ports must be 1 or 2, got {nr_ports!r}")
+        super().__init__(kernel, index, iommu_dirty=False)
+        self.nr_ports = nr_ports
+        self.mtty_hw = MttyHw(self, nr_ports)
+        self.hw = self.mtty_hw
+
+    # -- open / info -----------------------------------------------------------------
+
+    def open_device(self) -> None:
+        # mtty has no open_device op: its state is set once in mtty_init_dev and survives
+        # close/open (mtty_close only disables the files).
+        state = self.mig_state
+        super().open_device()
+        self.mig_state = state
+
+    def ioctl_get_info(self, arg: UserArg | int) -> int:
+        """mtty_ioctl(VFIO_DEVICE_GET_INFO): copies exactly minsz = 16 bytes each way."""
+        if isinstance(arg, int):
+            raise err(EFAULT)
+        argsz = struct.unpack("<I", arg.read(0, 16)[:4])[0]
+        if argsz < 16:
+            raise err(EINVAL)
+        info = v.vfio_device_info(
+            argsz=argsz, flags=self.info_flags, num_regions=self.num_regions, num_irqs=self.num_irqs
+        )
+        arg.write(0, bytes(info)[:16])
+        return 0
+
+    # -- migration -------------------------------------------------------------------
+
+    def step(self, cur: int, new: int) -> File | None:
+        """mtty_step_state."""
+        arc = (cur, new)
+        if arc in _NOOP_ARCS:
+            return None
+        if arc == (RESUMING, STOP):
+            f = self.resuming_file
+            if not isinstance(f, MttyResumingFile):
+                # Closed and reopened while RESUMING: the state survived, the file did not,
+                # and mtty_load_state would dereference a NULL resuming_migf (a kernel oops).
+                # The model logs it and fails the arc as an empty stream would (EINVAL).
+                self.warn("BUG: NULL pointer dereference in mtty_load_state")
+                raise err(EINVAL)
+            f.load_state(self.mtty_hw)  # EINVAL: the SET fails, the state stays RESUMING
+            self.disable_fds()
+            return None
+        if arc in _CLOSE_ARCS:
+            self.disable_fds()
+            return None
+        if arc in _SAVE_ARCS:
+            return self._save_device_data(new)
+        if arc == (STOP, RESUMING):
+            self.resuming_file = MttyResumingFile(self)
+            return self.resuming_file
+        self.warn(f"mtty_step_state: unexpected arc {state_name(cur)} -> {state_name(new)}")
+        raise err(EINVAL)
+
+    def _save_device_data(self, new: int) -> File | None:
+        """mtty_save_device_data: an existing file is filled on STOP_COPY, else a new one."""
+        f = self.saving_file
+        if f is not None:
+            assert isinstance(f, MttySavingFile)
+            if new == STOP_COPY:
+                f.save_state(self.mtty_hw)
+            return None
+        f = MttySavingFile(self)
+        self.saving_file = f
+        if new == STOP_COPY:
+            f.save_state(self.mtty_hw)
+        return f
+
+    def get_data_size(self) -> int:
+        return mtty_data_size(self.nr_ports)
+
+    def reset(self) -> None:
+        """mtty_reset -> mtty_state_mutex_unlock's deferred reset: RUNNING, files disabled.
+        (Deferral only matters with a concurrent state change, which the model has not.)
+        The UART ports keep their contents."""
+        self.mig_state = RUNNING
+        self.disable_fds()
+
+    # -- DMA logging: present, does nothing (mtty_log_start/stop/read_and_clear) --------
+
+    def log_start(self, ranges: list[tuple[int, int]], page_size: int) -> int:
+        return page_size
+
+    def log_stop(self) -> None:
+        pass
+
+    def log_read_and_clear(self, iova: int, length: int, bitmap: IovaBitmap) -> None:
+        pass
+
+
+DRIVERS["mtty"] = MttyDevice

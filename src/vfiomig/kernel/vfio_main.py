@@ -1,0 +1,553 @@
+"""The VFIO device core: struct vfio_device, the device file and its ioctls.
+
+Follows drivers/vfio/vfio_main.c (7.2) and include/linux/vfio.h:
+
+* `VfioDeviceFile` is struct vfio_device_file, one open of /dev/vfio/devices/vfioN.
+  vfio_device_fops_unl_ioctl: BIND_IOMMUFD first, then EINVAL until access is granted,
+  then the cdev-only ATTACH/DETACH, then VFIO_DEVICE_FEATURE, then the driver's ioctl
+  (GET_INFO, RESET, anything else ENOTTY as vfio_pci_core_ioctl's default).
+* `vfio_ioctl_device_feature` + `vfio_check_feature` + the core feature handlers
+  (MIGRATION, MIG_DEVICE_STATE, MIG_DATA_SIZE, MIG_PRECOPY_INFOv2, DMA_LOGGING_*), check
+  for check in the kernel's order.
+* `IovaBitmap` is drivers/vfio/iova_bitmap.c seen from a driver: `set(starts, length)`
+  marks dirty IOVA ranges in the user's bitmap, vectorized.
+
+Drivers subclass `VfioDevice` and implement the ops (all optional except `step` for a
+migratable device):
+
+    kind: str                          # "reference", "mtty", "hisi_acc"
+    migration_flags: int = 0           # 0: no mig_ops, migration features ENOTTY
+    has_log_ops: bool = False          # False: DMA_LOGGING_* ENOTTY
+    emulated_iommu: bool = False       # mdev-like: iommufd uses an ACCESS, not a domain
+    info_flags, num_regions, num_irqs  # VFIO_DEVICE_GET_INFO
+    reset_works: bool = True           # VFIO_DEVICE_RESET allowed
+    open_device() / close_device()     # ops->open_device (first open) / ->close_device (last
+                                       # close); extend with super()
+    step(cur, new) -> File | None      # execute ONE arc (see vfio_migration)
+    migration_get_state() -> int       # default: self.mig_state
+    migration_set_state(new)           # default: vfio_migration.mig_set_state loop
+    get_data_size() -> int             # MIG_DATA_SIZE
+    reset()                            # VFIO_DEVICE_RESET: RUNNING, data fds disabled
+    log_start(ranges, page_size) -> int            # ranges: [(iova, length)] sorted by iova;
+                                                   # returns the page size actually used
+    log_stop()
+    log_read_and_clear(iova, length, bitmap: IovaBitmap)
+    device_feature(flags, arg, argsz)  # feature indexes the core does not handle (ENOTTY)
+    device_ioctl(cmd, arg)             # device ioctls other than GET_INFO/RESET (ENOTTY)
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from errno import E2BIG, EFAULT, EINVAL, ENOTTY, EOVERFLOW
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from vfiomig.hw.memory import PAGE_SIZE
+from vfiomig.kernel.errors import err
+from vfiomig.kernel.fs import File
+from vfiomig.kernel.uaccess import UserArg
+from vfiomig.kernel.vfio_fsm import MIG_PRE_COPY, RUNNING
+from vfiomig.kernel.vfio_migration import ResumingFile, SavingFile, mig_set_state
+from vfiomig.uapi import vfio as v
+
+if TYPE_CHECKING:
+    from vfiomig.kernel.machine import ModelKernel
+
+U64_MAX = (1 << 64) - 1
+ULONG_MAX = U64_MAX  # a 64-bit kernel
+FEATURE_HDR = 8  # offsetofend(struct vfio_device_feature, flags)
+GET = v.VFIO_DEVICE_FEATURE_GET
+SET = v.VFIO_DEVICE_FEATURE_SET
+PROBE = v.VFIO_DEVICE_FEATURE_PROBE
+_FEATURE_FLAGS_OK = v.VFIO_DEVICE_FEATURE_MASK | GET | SET | PROBE
+# LOG_MAX_RANGES: the ranges must fit one kernel page (vfio_main.c)
+LOG_MAX_RANGES = PAGE_SIZE // 16
+
+_U32 = struct.Struct("<I")
+_HDR = struct.Struct("<II")
+_MIG_STATE = struct.Struct("<Ii")
+_U64 = struct.Struct("<Q")
+_LOG_CONTROL = struct.Struct("<QIIQ")
+_LOG_RANGE = struct.Struct("<QQ")
+_LOG_REPORT = struct.Struct("<QQQQ")
+_DEVICE_INFO_MINSZ = 16  # offsetofend(struct vfio_device_info, num_irqs)
+_DEVICE_INFO_SIZE = 24
+
+
+# ---------------------------------------------------------------------------------------
+# struct vfio_device
+
+
+class VfioDevice:
+    """struct vfio_device plus the behaviour every modelled driver shares."""
+
+    kind = "vfio"
+    emulated_iommu = False
+    migration_flags = 0
+    has_log_ops = False
+    info_flags = v.VFIO_DEVICE_FLAGS_PCI | v.VFIO_DEVICE_FLAGS_RESET
+    num_regions = v.VFIO_PCI_NUM_REGIONS
+    num_irqs = v.VFIO_PCI_NUM_IRQS
+    reset_works = True
+
+    def __init__(self, kernel: ModelKernel, index: int, *, iommu_dirty: bool = True) -> None:
+        self.kernel = kernel
+        self.index = index
+        self.path = f"/dev/vfio/devices/vfio{index}"
+        self.group_path = f"/dev/vfio/{index}"
+        self.iommu_dirty = iommu_dirty  # the device's IOMMU can track dirty IOVAs
+        self.hw: Any = None  # the hardware side (a DmaDevice for DMA-capable devices)
+        self.mig_state = RUNNING
+        self.precopy_info_v2 = False
+        self.open_count = 0
+        self.saving_file: SavingFile | None = None
+        self.resuming_file: ResumingFile | None = None
+        self.warnings: list[str] = []  # the kernel's WARN_ONs (dmesg)
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+
+    # -- opening ---------------------------------------------------------------------
+
+    def cdev_open(self, flags: int) -> File:
+        """vfio_device_fops_cdev_open: a fresh, unbound device file."""
+        return VfioDeviceFile(self, flags)
+
+    def open_device(self) -> None:
+        """ops->open_device on the first open (bind). Drivers extend with super()."""
+        self.open_count += 1
+        self.mig_state = RUNNING  # every migration driver starts a new user at RUNNING
+
+    def close_device(self) -> None:
+        """ops->close_device on the last close; the core clears precopy_info_v2 there too
+        (vfio_df_device_last_close)."""
+        self.open_count = max(0, self.open_count - 1)
+        self.disable_fds()
+        if self.has_log_ops:
+            self.log_stop()  # mlx5vf_cmd_close_migratable frees the page tracker
+        self.precopy_info_v2 = False
+
+    # -- migration ops ---------------------------------------------------------------
+
+    def disable_fds(self) -> None:
+        """End any data session (the drivers' *_disable_fds)."""
+        for f in (self.saving_file, self.resuming_file):
+            if f is not None:
+                f.disable()
+        self.saving_file = None
+        self.resuming_file = None
+
+    def data_files(self) -> list[SavingFile | ResumingFile]:
+        """Data files the device holds now (at most one is live)."""
+        return [f for f in (self.saving_file, self.resuming_file) if f is not None]
+
+    def migration_get_state(self) -> int:
+        return self.mig_state
+
+    def migration_set_state(self, new: int) -> File | None:
+        return mig_set_state(self, new)
+
+    def step(self, cur: int, new: int) -> File | None:
+        """Execute the single arc cur -> new (driver)."""
+        raise err(EINVAL)
+
+    def get_data_size(self) -> int:
+        raise err(ENOTTY)
+
+    def reset(self) -> None:
+        """VFIO_DEVICE_RESET (the drivers' reset_done): back to RUNNING, fds disabled."""
+        if self.migration_flags:
+            self.mig_state = RUNNING
+            self.disable_fds()
+
+    # -- log ops ---------------------------------------------------------------------
+
+    def log_start(self, ranges: list[tuple[int, int]], page_size: int) -> int:
+        raise err(ENOTTY)
+
+    def log_stop(self) -> None:
+        pass
+
+    def log_read_and_clear(self, iova: int, length: int, bitmap: IovaBitmap) -> None:
+        raise err(EINVAL)
+
+    # -- other ops -------------------------------------------------------------------
+
+    def device_feature(self, flags: int, arg: UserArg, argsz: int) -> int:
+        """ops->device_feature for indexes the core does not handle."""
+        raise err(ENOTTY)
+
+    def device_ioctl(self, cmd: int, arg: UserArg | int) -> int:
+        """ops->ioctl for commands other than GET_INFO / RESET."""
+        raise err(ENOTTY)
+
+    def ioctl_get_info(self, arg: UserArg | int) -> int:
+        """vfio_pci_ioctl_get_info: argsz >= 16, copy back min(argsz, 24) bytes."""
+        if isinstance(arg, int):
+            raise err(EFAULT)
+        argsz = _U32.unpack(arg.read(0, _DEVICE_INFO_MINSZ)[:4])[0]
+        if argsz < _DEVICE_INFO_MINSZ:
+            raise err(EINVAL)
+        info = v.vfio_device_info(
+            argsz=argsz, flags=self.info_flags, num_regions=self.num_regions, num_irqs=self.num_irqs
+        )
+        arg.write(0, bytes(info)[: min(argsz, _DEVICE_INFO_SIZE)])
+        return 0
+
+    def ioctl_reset(self) -> int:
+        if not self.reset_works:
+            raise err(EINVAL)
+        self.reset()
+        return 0
+
+
+def vfio_df_open(df: VfioDeviceFile) -> None:
+    """Count an open; only the group path may open a device twice (vfio_df_open)."""
+    dev = df.device
+    if dev.open_count and df.group is None:
+        raise err(EINVAL)
+    if dev.open_count == 0:
+        dev.open_device()
+    else:
+        dev.open_count += 1
+
+
+def vfio_df_close(df: VfioDeviceFile) -> None:
+    dev = df.device
+    if dev.open_count <= 1:
+        dev.close_device()
+    else:
+        dev.open_count -= 1
+
+
+# ---------------------------------------------------------------------------------------
+# struct vfio_device_file and its ioctl
+
+
+class VfioDeviceFile(File):
+    """struct vfio_device_file: one open of the device (cdev, or from a legacy group)."""
+
+    def __init__(self, device: VfioDevice, flags: int = os.O_RDWR) -> None:
+        super().__init__()
+        self.device = device
+        self.group: Any = None  # set by the legacy group path (VFIO_GROUP_GET_DEVICE_FD)
+        self.access_granted = False
+        self.iommufd: Any = None  # the IommufdFile this fd is bound to
+        self.idev: Any = None  # its iommufd DEVICE object
+        acc = flags & os.O_ACCMODE
+        self.readable = acc in (os.O_RDONLY, os.O_RDWR)
+        self.writable = acc in (os.O_WRONLY, os.O_RDWR)
+
+    def ioctl(self, cmd: int, arg: UserArg | int) -> int:
+        return vfio_device_fops_unl_ioctl(self, cmd, arg)
+
+    def read(self, n: int) -> bytes:
+        # Region access is not modelled: vfio_device_fops_read's EINVAL before access is
+        # granted, and afterwards what a device without a read op answers.
+        raise err(EINVAL)
+
+    def release(self) -> None:
+        """vfio_device_fops_release: the cdev path unbinds (which closes the device)."""
+        if self.group is None:
+            from vfiomig.kernel.device_cdev import vfio_df_unbind_iommufd
+
+            vfio_df_unbind_iommufd(self)
+        elif self.access_granted:
+            self.access_granted = False
+            vfio_df_close(self)
+
+
+def _cdev_op(name: str) -> Callable[[Any, UserArg | int], int] | None:
+    """ATTACH/DETACH live in device_cdev.py (iommufd side); absent until they land."""
+    from vfiomig.kernel import device_cdev
+
+    op: Callable[[Any, UserArg | int], int] | None = getattr(device_cdev, name, None)
+    return op
+
+
+def vfio_device_fops_unl_ioctl(df: VfioDeviceFile, cmd: int, arg: UserArg | int) -> int:
+    if cmd == v.VFIO_DEVICE_FEATURE:  # the hot path first; access is checked inside
+        if not df.access_granted:
+            raise err(EINVAL)
+        return vfio_ioctl_device_feature(df.device, arg)
+    if cmd == v.VFIO_DEVICE_BIND_IOMMUFD:
+        from vfiomig.kernel.device_cdev import vfio_df_ioctl_bind_iommufd
+
+        return vfio_df_ioctl_bind_iommufd(df, arg)
+    if not df.access_granted:  # paired with the store after vfio_df_open()
+        raise err(EINVAL)
+    if df.group is None and cmd in _CDEV_ONLY:
+        op = _cdev_op(_CDEV_ONLY[cmd])
+        if op is None:
+            raise err(ENOTTY)
+        return op(df, arg)
+    dev = df.device
+    if cmd == v.VFIO_DEVICE_GET_INFO:
+        return dev.ioctl_get_info(arg)
+    if cmd == v.VFIO_DEVICE_RESET:
+        return dev.ioctl_reset()
+    return dev.device_ioctl(cmd, arg)
+
+
+_CDEV_ONLY = {
+    v.VFIO_DEVICE_ATTACH_IOMMUFD_PT: "vfio_df_ioctl_attach_pt",
+    v.VFIO_DEVICE_DETACH_IOMMUFD_PT: "vfio_df_ioctl_detach_pt",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# VFIO_DEVICE_FEATURE
+
+
+def vfio_check_feature(flags: int, argsz: int, supported_ops: int, minsz: int) -> bool:
+    """include/linux/vfio.h vfio_check_feature: True = go on, False = PROBE answered (0)."""
+    if flags & (GET | SET) & ~supported_ops:
+        raise err(EINVAL)
+    if flags & PROBE:
+        return False
+    if not flags & (GET | SET):
+        raise err(EINVAL)
+    if argsz < minsz:
+        raise err(EINVAL)
+    return True
+
+
+FeatureHandler = Callable[[VfioDevice, int, UserArg, int], int]
+
+
+def vfio_ioctl_device_feature(dev: VfioDevice, arg: UserArg | int) -> int:
+    if isinstance(arg, int):
+        raise err(EFAULT)
+    argsz, flags = _HDR.unpack(arg.read(0, FEATURE_HDR))
+    if argsz < FEATURE_HDR:
+        raise err(EINVAL)
+    if flags & ~_FEATURE_FLAGS_OK:
+        raise err(EINVAL)
+    if not flags & PROBE and flags & SET and flags & GET:
+        raise err(EINVAL)
+    handler = _CORE_FEATURES.get(flags & v.VFIO_DEVICE_FEATURE_MASK)
+    if handler is None:
+        return dev.device_feature(flags, arg, argsz - FEATURE_HDR)
+    return handler(dev, flags, arg, argsz - FEATURE_HDR)
+
+
+def _feature_migration(dev: VfioDevice, flags: int, arg: UserArg, argsz: int) -> int:
+    if not dev.migration_flags:
+        raise err(ENOTTY)
+    if vfio_check_feature(flags, argsz, GET, 8):
+        arg.write(FEATURE_HDR, _U64.pack(dev.migration_flags))
+    return 0
+
+
+def _feature_mig_device_state(dev: VfioDevice, flags: int, arg: UserArg, argsz: int) -> int:
+    """vfio_ioctl_device_feature_mig_device_state."""
+    if not dev.migration_flags:
+        raise err(ENOTTY)
+    if not vfio_check_feature(flags, argsz, GET | SET, 8):
+        return 0
+    state = _MIG_STATE.unpack(arg.read(FEATURE_HDR, 8))[0]
+    if flags & GET:
+        arg.write(FEATURE_HDR, _MIG_STATE.pack(dev.migration_get_state(), -1))
+        return 0
+    try:
+        filp = dev.migration_set_state(state)
+    except OSError:
+        # The requested state is echoed with data_fd = -1 even on failure; a fault there
+        # turns the error into EFAULT.
+        arg.write(FEATURE_HDR, _MIG_STATE.pack(state, -1))
+        raise
+    if filp is None:
+        arg.write(FEATURE_HDR, _MIG_STATE.pack(state, -1))
+        return 0
+    return _mig_return_fd(dev, filp, arg, state)
+
+
+def _mig_return_fd(dev: VfioDevice, filp: File, arg: UserArg, state: int) -> int:
+    """vfio_ioct_mig_return_fd: reserve an fd, copy out, then install. On EMFILE/EFAULT the
+    user's reference is dropped but the driver keeps its file and its new state."""
+    fdt = dev.kernel.fdt
+    fd = fdt.get_unused_fd()  # EMFILE
+    arg.write(FEATURE_HDR, _MIG_STATE.pack(state, fd))  # EFAULT
+    fdt.files[fd] = filp  # fd_install (O_CLOEXEC is not modelled: no exec here)
+    filp.refs += 1
+    return 0
+
+
+def _feature_mig_data_size(dev: VfioDevice, flags: int, arg: UserArg, argsz: int) -> int:
+    if not dev.migration_flags:
+        raise err(ENOTTY)
+    if vfio_check_feature(flags, argsz, GET, 8):
+        arg.write(FEATURE_HDR, _U64.pack(dev.get_data_size() & U64_MAX))
+    return 0
+
+
+def _feature_precopy_info_v2(dev: VfioDevice, flags: int, arg: UserArg, argsz: int) -> int:
+    # EINVAL (not ENOTTY) without PRE_COPY, even for a device with no migration at all.
+    if not dev.migration_flags & MIG_PRE_COPY:
+        raise err(EINVAL)
+    if vfio_check_feature(flags, argsz, SET, 0):
+        dev.precopy_info_v2 = True
+    return 0
+
+
+def _is_aligned(x: int, a: int) -> bool:
+    """IS_ALIGNED(x, a) on u64: a raw mask, so a = 0 only aligns x = 0."""
+    return x & ((a - 1) & U64_MAX) == 0
+
+
+def _feature_logging_start(dev: VfioDevice, flags: int, arg: UserArg, argsz: int) -> int:
+    """vfio_ioctl_device_feature_logging_start."""
+    if not dev.has_log_ops:
+        raise err(ENOTTY)
+    if not vfio_check_feature(flags, argsz, SET, _LOG_CONTROL.size):
+        return 0
+    page_size, nnodes, reserved, ranges_ptr = _LOG_CONTROL.unpack(
+        arg.read(FEATURE_HDR, _LOG_CONTROL.size)
+    )
+    if not nnodes:
+        raise err(EINVAL)
+    if nnodes > LOG_MAX_RANGES:
+        raise err(E2BIG)
+    nodes = _read_log_ranges(dev, ranges_ptr, nnodes, page_size)
+    ranges = [(start, length) for start, _last, length in sorted(nodes, key=lambda n: n[0])]
+    page_size = dev.log_start(ranges, page_size) & U64_MAX
+    try:
+        arg.write(FEATURE_HDR, _LOG_CONTROL.pack(page_size, nnodes, reserved, ranges_ptr))
+    except OSError:
+        dev.log_stop()
+        raise
+    return 0
+
+
+def _read_log_ranges(
+    dev: VfioDevice, ptr: int, nnodes: int, page_size: int
+) -> list[tuple[int, int, int]]:
+    """Copy, validate and overlap-check the ranges in array order: [(start, last, length)]."""
+    mm = dev.kernel.mm
+    nodes: list[tuple[int, int, int]] = []
+    for i in range(nnodes):
+        try:
+            iova, length = _LOG_RANGE.unpack(mm.read(ptr + 16 * i, 16))
+        except OSError:
+            raise err(EFAULT) from None
+        if not _is_aligned(iova, page_size) or not _is_aligned(length, page_size):
+            raise err(EINVAL)
+        if iova + length > ULONG_MAX:  # check_add_overflow || iova_end > ULONG_MAX
+            raise err(EOVERFLOW)
+        last = (iova + length - 1) & U64_MAX  # a zero-length range at 0 ends at ULONG_MAX
+        # interval_tree_iter_first(root, start, last): any earlier node intersecting
+        if any(s <= last and iova <= l_ for s, l_, _ in nodes):
+            raise err(EINVAL)
+        nodes.append((iova, last, length))
+    return nodes
+
+
+def _feature_logging_stop(dev: VfioDevice, flags: int, arg: UserArg, argsz: int) -> int:
+    if not dev.has_log_ops:
+        raise err(ENOTTY)
+    if vfio_check_feature(flags, argsz, SET, 0):
+        dev.log_stop()
+    return 0
+
+
+def _feature_logging_report(dev: VfioDevice, flags: int, arg: UserArg, argsz: int) -> int:
+    """vfio_ioctl_device_feature_logging_report + iova_bitmap_for_each."""
+    if not dev.has_log_ops:
+        raise err(ENOTTY)
+    if not vfio_check_feature(flags, argsz, GET, _LOG_REPORT.size):
+        return 0
+    iova, length, page_size, bitmap = _LOG_REPORT.unpack(arg.read(FEATURE_HDR, _LOG_REPORT.size))
+    if page_size < 4096 or page_size & (page_size - 1):
+        raise err(EINVAL)
+    if iova + length > ULONG_MAX:
+        raise err(EOVERFLOW)
+    bm = IovaBitmap(dev.kernel.mm, iova, length, page_size, bitmap)
+    # iova_bitmap_for_each: the driver sees the part whose bitmap could be pinned; a
+    # bitmap that stops short faults after that part was reported (and cleared).
+    dev.log_read_and_clear(iova, bm.covered, bm)
+    if bm.short:
+        raise err(EFAULT)
+    return 0
+
+
+_CORE_FEATURES: dict[int, FeatureHandler] = {
+    v.VFIO_DEVICE_FEATURE_MIGRATION: _feature_migration,
+    v.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE: _feature_mig_device_state,
+    v.VFIO_DEVICE_FEATURE_DMA_LOGGING_START: _feature_logging_start,
+    v.VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP: _feature_logging_stop,
+    v.VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT: _feature_logging_report,
+    v.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: _feature_mig_data_size,
+    v.VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2: _feature_precopy_info_v2,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# iova_bitmap
+
+
+class IovaBitmap:
+    """The user's dirty bitmap for one DMA_LOGGING_REPORT (drivers/vfio/iova_bitmap.c).
+
+    Bit i stands for [iova + i*page_size, iova + (i+1)*page_size), LSB first in u64 words
+    (so LSB first in bytes on a little-endian machine). Bits are only ever set.
+    """
+
+    def __init__(self, mm: Any, iova: int, length: int, page_size: int, addr: int) -> None:
+        self.iova = iova
+        self.length = length
+        self.page_size = page_size
+        self.shift = page_size.bit_length() - 1
+        # mapped_total_index: u64 words up to the bit of (length - 1); length 0 wraps.
+        nbits = (((length - 1) & U64_MAX) >> self.shift) + 1
+        need = ((nbits + 63) // 64) * 8
+        try:
+            region = mm.region(addr, 1)  # pinning the first page must work at least
+        except OSError:
+            raise err(EFAULT) from None
+        if region.data is None:
+            raise err(EFAULT)  # unbacked memory has no pages to pin
+        avail = region.end - addr
+        self.short = need > avail and length > 0
+        nbytes = min(need, avail)
+        self.view: npt.NDArray[np.uint8] = region.data[
+            addr - region.addr : addr - region.addr + nbytes
+        ]
+        # IOVA whose bits fit in the pinned bytes (all of it unless the bitmap is short)
+        self.covered = min(length, (nbytes * 8) << self.shift)
+        self.nbits = min(nbits, nbytes * 8)
+
+    def set(self, starts: npt.NDArray[np.uint64] | list[int], length: int) -> None:
+        """iova_bitmap_set for every [start, start+length): vectorized over `starts`."""
+        s = np.asarray(starts, dtype=np.uint64)
+        if s.size == 0 or length <= 0 or self.covered == 0:
+            return
+        lo = np.uint64(self.iova)
+        hi = np.uint64(self.iova + self.covered - 1)  # last covered byte (no u64 overflow)
+        ends = s + np.uint64(length - 1)  # last byte of each range
+        keep = (ends >= lo) & (s <= hi) & (ends >= s)
+        s, ends = s[keep], ends[keep]
+        if s.size == 0:
+            return
+        first = (np.maximum(s, lo) - lo) >> np.uint64(self.shift)
+        last = (np.minimum(ends, hi) - lo) >> np.uint64(self.shift)
+        self._set_bits(first.astype(np.int64), last.astype(np.int64))
+
+    def _set_bits(self, first: npt.NDArray[np.int64], last: npt.NDArray[np.int64]) -> None:
+        counts = last - first + 1
+        total = int(counts.sum())
+        if total > 4 * self.nbits:  # dense: go through a bool map of the whole bitmap
+            marks = np.zeros(self.nbits + 1, dtype=np.int32)
+            np.add.at(marks, first, 1)
+            np.add.at(marks, last + 1, -1)
+            bits = np.cumsum(marks[:-1]) > 0
+            packed = np.packbits(bits, bitorder="little")
+            self.view[: packed.size] |= packed
+            return
+        offs = np.repeat(first - np.cumsum(counts) + counts, counts)
+        idx = offs + np.arange(total, dtype=np.int64)
+        np.bitwise_or.at(self.view, idx >> 3, (1 << (idx & 7)).astype(np.uint8))

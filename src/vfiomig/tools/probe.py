@@ -1,0 +1,466 @@
+"""`vfiomig probe`: what a host offers for VFIO live migration.
+
+For each VFIO device: its IOMMU (type, dirty-tracking capability), its migration flags
+(STOP_COPY, P2P, PRE_COPY), the migration state, MIG_DATA_SIZE, whether PRECOPY_INFOv2 can be
+enabled, and whether the device can log its own DMA (and at what page size). For the host:
+iommufd (/dev/iommu, VFIO cdevs) or only the legacy type1 container.
+
+    vfiomig probe                               # this host; the model if it has no VFIO
+    vfiomig probe --device /dev/vfio/devices/vfio0
+    vfiomig probe --model hisi_acc --model reference:migration_flags=5,dma_logging=0
+    vfiomig probe --json
+
+Probing opens each device and binds it to a fresh iommufd; to learn the DMA-logging page size
+it attaches the device to an empty IOAS and starts and stops logging. It never changes the
+migration state. A device another process holds (a running VM) answers EBUSY and is listed
+as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from errno import EACCES, EBUSY, ENOENT, ENOTTY, EPERM
+from typing import Any
+
+from vfiomig.host import (
+    Container,
+    Iommufd,
+    LinuxTransport,
+    MigrationFlags,
+    ModelTransport,
+    Transport,
+    VfioDevice,
+    VfioError,
+)
+from vfiomig.host.device import GET, SET
+from vfiomig.host.errors import errno_name
+from vfiomig.host.transport import (
+    IOMMUFD_PATH,
+    VFIO_CONTAINER_PATH,
+    VFIO_DEVICES_DIR,
+    VFIO_DIR,
+)
+from vfiomig.uapi import vfio as v
+
+DEFAULT_MODEL_DEVICES = ("mtty", "hisi_acc", "reference")
+IOMMU_CHOICES = ("smmuv3", "vtd", "amd")
+
+# The range the probe asks a device to log, only to learn the page size it negotiates.
+LOG_PROBE_RANGE = (1 << 30, 1 << 30)
+
+
+# ------------------------------------------------------------------------------------------
+# model specs: KIND[:key=value,...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str
+    options: dict[str, Any]
+
+    def label(self) -> str:
+        if not self.options:
+            return self.kind
+        opts = ",".join(f"{k}={_fmt_opt(val)}" for k, val in self.options.items())
+        return f"{self.kind}:{opts}"
+
+
+def _fmt_opt(val: Any) -> str:
+    if isinstance(val, bool):
+        return "1" if val else "0"
+    if isinstance(val, frozenset | set):
+        return "+".join(sorted(val))
+    if isinstance(val, tuple):
+        return "/".join(str(x) for x in val)
+    return str(val)
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    if key == "defects":
+        return frozenset(x for x in raw.split("+") if x)
+    if key == "fail_arc":
+        parts = raw.split("/")
+        if len(parts) != 3:
+            raise ValueError(
+                "fail_arc is FROM/TO/MODE, e.g. STOP/STOP_COPY/error or STOP/STOP_COPY/5"
+            )
+        mode: str | int = int(parts[2]) if parts[2].isdigit() else parts[2]
+        return (parts[0].upper(), parts[1].upper(), mode)
+    low = raw.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    try:
+        return int(raw, 0)
+    except ValueError:
+        return raw
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """``reference:migration_flags=5,dma_logging=0,defects=lossy_resume+wrong_data_size``."""
+    kind, _, rest = spec.partition(":")
+    if not kind:
+        raise ValueError(f"empty device kind in {spec!r}")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"model option {item!r} is not key=value")
+        options[key] = _parse_value(key, raw)
+    if "dma_logging" in options and isinstance(options["dma_logging"], int):
+        options["dma_logging"] = bool(options["dma_logging"])
+    return ModelSpec(kind, options)
+
+
+def model_spec_arg(spec: str) -> ModelSpec:
+    try:
+        return parse_model_spec(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def build_model(specs: Sequence[ModelSpec], iommu: str = "smmuv3") -> tuple[Any, list[str]]:
+    """A ModelKernel with one device per spec; returns (kernel, cdev paths)."""
+    from vfiomig.kernel import ModelKernel
+
+    k = ModelKernel(iommu=iommu)
+    return k, [k.add_device(s.kind, **s.options) for s in specs]
+
+
+# ------------------------------------------------------------------------------------------
+# probing
+
+
+def _err(e: VfioError) -> str:
+    return f"{e.op}: {errno_name(e.errno or 0)}"
+
+
+def flag_names(flags: int) -> list[str]:
+    return [f.name for f in MigrationFlags if f & flags and f.name is not None]
+
+
+def probe_device(t: Transport, path: str, iommufd_path: str = IOMMUFD_PATH) -> dict[str, Any]:
+    """Everything the probe reports about one VFIO cdev."""
+    out: dict[str, Any] = {"path": path}
+    out.update(t.describe(path))
+    try:
+        ictx = Iommufd(t, iommufd_path)
+    except VfioError as e:
+        out["error"] = _err(e)
+        return out
+    with ictx:
+        try:
+            dev = VfioDevice(t, path)
+        except VfioError as e:
+            hint = {
+                EBUSY: "in use (a VM or another process has it open)",
+                EACCES: "permission denied",
+                EPERM: "permission denied",
+                ENOENT: "no such device",
+            }.get(e.errno or 0, "")
+            out["error"] = _err(e) + (f" - {hint}" if hint else "")
+            return out
+        with dev:
+            try:
+                dev_id = dev.bind(ictx)
+            except VfioError as e:
+                out["error"] = _err(e)
+                return out
+            out.update(_probe_bound(ictx, dev, dev_id))
+    return out
+
+
+def _probe_bound(ictx: Iommufd, dev: VfioDevice, dev_id: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"dev_id": dev_id}
+    try:
+        info = dev.info()
+        out["bus"] = info.bus
+        out["reset"] = info.can_reset
+    except VfioError as e:
+        out["info_error"] = _err(e)
+    try:
+        hw = ictx.hw_info(dev_id)
+        out["iommu"] = {"type": hw.type_name, "dirty_tracking": hw.dirty_tracking}
+    except VfioError as e:
+        if e.errno == ENOENT:
+            # An emulated device (mdev such as mtty) binds as an iommufd ACCESS, not a
+            # DEVICE: there is no IOMMU behind it to ask.
+            out["iommu"] = {"type": "emulated", "dirty_tracking": False}
+        else:
+            out["iommu"] = {"error": _err(e)}
+
+    mig: dict[str, Any] = {}
+    try:
+        flags = int(dev.migration_flags())
+    except VfioError as e:
+        mig["supported"] = False
+        if e.errno != ENOTTY:
+            mig["error"] = _err(e)
+        out["migration"] = mig
+        flags = 0
+    else:
+        mig.update(supported=True, flags=flags, flag_names=flag_names(flags))
+        try:
+            mig["state"] = _state_name(dev.get_state())
+        except VfioError as e:
+            mig["state_error"] = _err(e)
+        try:
+            mig["data_size"] = dev.mig_data_size()
+        except VfioError as e:
+            mig["data_size_error"] = _err(e)
+        mig["precopy_info_v2"] = dev.supports(v.VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2, SET)
+        out["migration"] = mig
+
+    log: dict[str, Any] = {}
+    err = dev.probe_feature(v.VFIO_DEVICE_FEATURE_DMA_LOGGING_START, SET)
+    log["supported"] = err == 0
+    if err and err != ENOTTY:
+        log["error"] = f"DMA_LOGGING_START PROBE: {errno_name(err)}"
+    if err == 0:
+        log["report"] = dev.supports(v.VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, GET)
+        log.update(_log_page_size(ictx, dev))
+    out["dma_logging"] = log
+    return out
+
+
+def _log_page_size(ictx: Iommufd, dev: VfioDevice) -> dict[str, Any]:
+    """Attach to an empty IOAS, start logging at 4 KiB, read what the device chose, stop."""
+    try:
+        with ictx.ioas_alloc() as ioas:
+            dev.attach(ioas)
+            try:
+                page = dev.dma_logging_start([LOG_PROBE_RANGE], 4096)
+                dev.dma_logging_stop()
+            finally:
+                dev.detach()
+    except VfioError as e:
+        return {"page_size_error": _err(e)}
+    return {"page_size": page}
+
+
+def _state_name(s: int) -> str:
+    from vfiomig.host.device import state_name
+
+    return state_name(int(s))
+
+
+def probe_host(
+    t: Transport,
+    devices: Sequence[str] | None = None,
+    iommufd_path: str = IOMMUFD_PATH,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The host summary and one entry per device (all VFIO cdevs when ``devices`` is None)."""
+    host: dict[str, Any] = {
+        "transport": t.name,
+        "iommufd": t.exists(iommufd_path),
+        "vfio_cdevs": t.exists(VFIO_DEVICES_DIR),
+        "legacy_container": t.exists(VFIO_CONTAINER_PATH),
+    }
+    if host["legacy_container"]:
+        host["type1"] = _probe_type1(t)
+    groups = [g for g in t.listdir(VFIO_DIR) if g.isdigit()]
+    host["groups"] = groups
+    if devices is None:
+        devices = [f"{VFIO_DEVICES_DIR}/{n}" for n in t.listdir(VFIO_DEVICES_DIR)]
+    if host["iommufd"] and host["vfio_cdevs"]:
+        host["access"] = "iommufd"
+    elif host["legacy_container"]:
+        host["access"] = "type1 only"
+    else:
+        host["access"] = "none"
+    entries = []
+    for path in devices:
+        if host["iommufd"]:
+            entry = probe_device(t, path, iommufd_path)
+        else:
+            entry = {
+                "path": path,
+                "error": f"{iommufd_path} missing: per-device details need iommufd",
+            }
+        if labels and path in labels:
+            entry["model"] = labels[path]
+        entries.append(entry)
+    host["devices"] = entries
+    return host
+
+
+def _probe_type1(t: Transport) -> dict[str, Any]:
+    try:
+        with Container(t) as c:
+            return {
+                "api_version": c.api_version(),
+                "type1v2": bool(c.check_extension(v.VFIO_TYPE1v2_IOMMU)),
+                "type1": bool(c.check_extension(v.VFIO_TYPE1_IOMMU)),
+            }
+    except VfioError as e:
+        return {"error": _err(e)}
+
+
+def linux_has_vfio(t: Transport) -> bool:
+    return t.exists(VFIO_DEVICES_DIR) or t.exists(VFIO_CONTAINER_PATH) or t.exists(IOMMUFD_PATH)
+
+
+# ------------------------------------------------------------------------------------------
+# output
+
+
+def _yes(b: Any) -> str:
+    return "yes" if b else "no"
+
+
+def render_table(report: dict[str, Any]) -> str:
+    lines: list[str] = []
+    head = f"transport: {report['transport']}   access: {report['access']}"
+    head += f"   iommufd: {_yes(report['iommufd'])}   legacy container: "
+    t1 = report.get("type1")
+    if not report["legacy_container"]:
+        head += "no"
+    elif t1 and "error" not in t1:
+        head += "type1v2" if t1.get("type1v2") else ("type1" if t1.get("type1") else "no type1")
+    else:
+        head += f"yes ({t1.get('error') if t1 else '?'})"
+    if report.get("note"):
+        lines.append(report["note"])
+    lines.append(head)
+    cols = [
+        "DEVICE",
+        "IOMMU",
+        "IOMMU DIRTY",
+        "MIGRATION",
+        "STATE",
+        "DATA SIZE",
+        "PRECOPYv2",
+        "DMA LOG",
+    ]
+    rows: list[list[str]] = []
+    notes: list[str] = []
+    for d in report["devices"]:
+        name = d["path"]
+        extra = d.get("model") or d.get("driver") or ""
+        if d.get("address"):
+            extra = f"{d['address']} {extra}".strip()
+        if extra:
+            name += f" ({extra})"
+        if "error" in d:
+            rows.append([name, "-", "-", "-", "-", "-", "-", "-"])
+            notes.append(f"{d['path']}: {d['error']}")
+            continue
+        iommu = d.get("iommu", {})
+        mig = d.get("migration", {})
+        log = d.get("dma_logging", {})
+        if mig.get("supported"):
+            migs = "|".join(mig["flag_names"]) or "0"
+            state = mig.get("state", "?")
+            size = str(mig.get("data_size", "?"))
+            v2 = _yes(mig.get("precopy_info_v2"))
+        else:
+            migs, state, size, v2 = "no", "-", "-", "-"
+        if log.get("supported"):
+            logs = f"yes, {log['page_size']:#x}" if "page_size" in log else "yes"
+        else:
+            logs = "no"
+        rows.append(
+            [
+                name,
+                iommu.get("type", iommu.get("error", "?")),
+                _yes(iommu.get("dirty_tracking")) if "type" in iommu else "?",
+                migs,
+                state,
+                size,
+                v2,
+                logs,
+            ]
+        )
+        for key in ("info_error", "page_size_error"):
+            if key in d or key in log:
+                notes.append(f"{d['path']}: {d.get(key) or log.get(key)}")
+    if not rows:
+        lines.append("no VFIO devices")
+    else:
+        widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
+        for r in [cols, *rows]:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    lines.extend(notes)
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        action="append",
+        metavar="PATH",
+        default=[],
+        help="a VFIO cdev of this host (/dev/vfio/devices/vfioN); repeatable (default: all)",
+    )
+    parser.add_argument(
+        "--iommufd", metavar="PATH", default=IOMMUFD_PATH, help="iommufd node (default %(default)s)"
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="KIND[:k=v,...]",
+        type=model_spec_arg,
+        default=[],
+        help="probe a model kernel with this device instead (mtty, hisi_acc, reference); repeatable",
+    )
+    parser.add_argument(
+        "--iommu",
+        choices=IOMMU_CHOICES,
+        default="smmuv3",
+        help="the model's IOMMU (default %(default)s)",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args: argparse.Namespace) -> int:
+    devices: list[str] = args.device
+    specs: list[ModelSpec] = args.model
+    if devices and specs:
+        print("vfiomig probe: use --device or --model, not both", file=sys.stderr)
+        return 2
+    note = ""
+    if not specs:
+        linux = LinuxTransport()
+        if devices or linux_has_vfio(linux):
+            report = probe_host(linux, devices or None, args.iommufd)
+            return _emit(report, args.json)
+        note = (
+            f"No VFIO on this host ({VFIO_DEVICES_DIR}, {IOMMUFD_PATH} and "
+            f"{VFIO_CONTAINER_PATH} are absent); showing the model kernel's devices."
+        )
+        specs = [ModelSpec(k, {}) for k in DEFAULT_MODEL_DEVICES]
+    try:
+        k, paths = build_model(specs, args.iommu)
+    except (ValueError, TypeError) as e:
+        print(f"vfiomig probe: bad --model: {e}", file=sys.stderr)
+        return 2
+    labels = {p: s.label() for p, s in zip(paths, specs, strict=True)}
+    report = probe_host(ModelTransport(k), paths, IOMMUFD_PATH, labels)
+    report["iommu_model"] = args.iommu
+    if note:
+        report["note"] = note
+    return _emit(report, args.json)
+
+
+def _emit(report: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(render_table(report))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    p = argparse.ArgumentParser(prog="vfiomig probe")
+    add_arguments(p)
+    sys.exit(run(p.parse_args()))

@@ -1,0 +1,166 @@
+"""`vfiomig probe` on the model, on a faked Linux host, and (marked) on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+from typing import Any
+
+import pytest
+
+from vfiomig.host import LinuxTransport, Syscalls
+from vfiomig.host.transport import IoctlArg
+from vfiomig.tools import probe
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    probe.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def _model_report(*specs: str, iommu: str = "smmuv3") -> dict[str, Any]:
+    parsed = [probe.parse_model_spec(s) for s in specs]
+    k, paths = probe.build_model(parsed, iommu)
+    from vfiomig.host import ModelTransport
+
+    return probe.probe_host(ModelTransport(k), paths)
+
+
+def test_parse_model_spec() -> None:
+    s = probe.parse_model_spec(
+        "reference:migration_flags=5,dma_logging=0,defects=lossy_resume+wrong_data_size,"
+        "fail_arc=stop/stop_copy/error,state_size=0x1000"
+    )
+    assert s.kind == "reference"
+    assert s.options == {
+        "migration_flags": 5,
+        "dma_logging": False,
+        "defects": frozenset({"lossy_resume", "wrong_data_size"}),
+        "fail_arc": ("STOP", "STOP_COPY", "error"),
+        "state_size": 4096,
+    }
+    with pytest.raises(ValueError):
+        probe.parse_model_spec("reference:nokey")
+    with pytest.raises(ValueError):
+        probe.parse_model_spec(":x=1")
+
+
+def test_model_probe_reports_each_device() -> None:
+    r = _model_report("mtty", "hisi_acc", "reference", "reference:migration_flags=3,dma_logging=0")
+    assert r["transport"] == "model" and r["iommufd"] and r["access"] == "iommufd"
+    mtty, hisi, ref, ref3 = r["devices"]
+    assert mtty["migration"]["flag_names"] == ["STOP_COPY", "P2P", "PRE_COPY"]
+    assert mtty["migration"]["data_size"] == 24 + 36 * 2
+    assert hisi["migration"]["flags"] == 5 and hisi["migration"]["data_size"] == 176
+    assert hisi["migration"]["precopy_info_v2"] is True
+    assert hisi["dma_logging"] == {"supported": False}
+    assert hisi["iommu"] == {"type": "arm-smmuv3", "dirty_tracking": True}
+    assert ref["migration"]["state"] == "RUNNING"
+    assert ref["dma_logging"]["supported"] and ref["dma_logging"]["page_size"] == 4096
+    assert ref3["migration"]["flag_names"] == ["STOP_COPY", "P2P"]
+    assert ref3["migration"]["precopy_info_v2"] is False  # EINVAL without PRE_COPY
+    assert ref3["dma_logging"] == {"supported": False}
+
+
+def test_iommu_without_dirty_tracking_is_reported() -> None:
+    r = _model_report("reference:iommu_dirty=0", iommu="vtd")
+    dev = r["devices"][0]
+    assert dev["iommu"]["type"] == "intel-vtd" and dev["iommu"]["dirty_tracking"] is False
+
+
+def test_probe_leaves_no_fds_and_state_untouched() -> None:
+    from vfiomig.host import ModelTransport
+
+    k, paths = probe.build_model([probe.parse_model_spec("reference")])
+    probe.probe_host(ModelTransport(k), paths)
+    assert k.fdt.files == {}
+
+
+def test_cli_model_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert probe.run(_args("--model", "hisi_acc", "--model", "reference")) == 0
+    out = capsys.readouterr().out
+    assert "STOP_COPY|PRE_COPY" in out and "STOP_COPY|P2P|PRE_COPY" in out
+    assert "DMA LOG" in out and "yes, 0x1000" in out
+    assert probe.run(_args("--model", "mtty", "--json")) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["devices"][0]["model"] == "mtty"
+
+
+class NoVfio(Syscalls):
+    def exists(self, path: str) -> bool:
+        return False
+
+    def listdir(self, path: str) -> list[str]:
+        return []
+
+
+def test_host_without_vfio_says_so_and_shows_the_model(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(probe, "LinuxTransport", lambda: LinuxTransport(NoVfio()))
+    assert probe.run(_args()) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("No VFIO on this host")
+    assert len([line for line in out if line.startswith("/dev/vfio/devices/")]) == 3
+
+
+class BusyHost(Syscalls):
+    """A host with iommufd and two cdevs, one held by a VM."""
+
+    def __init__(self) -> None:
+        self.fds: set[int] = set()
+
+    def exists(self, path: str) -> bool:
+        return path in ("/dev/iommu", "/dev/vfio/devices")
+
+    def listdir(self, path: str) -> list[str]:
+        return ["vfio10", "vfio2"] if path == "/dev/vfio/devices" else []
+
+    def realpath(self, path: str) -> str:
+        return path
+
+    def open(self, path: str, flags: int) -> int:
+        if path.endswith("vfio10"):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        fd = 100 + len(self.fds)
+        self.fds.add(fd)
+        return fd
+
+    def close(self, fd: int) -> None:
+        self.fds.remove(fd)
+
+    def ioctl(self, fd: int, request: int, arg: IoctlArg) -> int:
+        raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+
+
+def test_linux_probe_through_the_seam() -> None:
+    sysc = BusyHost()
+    r = probe.probe_host(LinuxTransport(sysc))
+    paths = [d["path"] for d in r["devices"]]
+    assert paths == ["/dev/vfio/devices/vfio2", "/dev/vfio/devices/vfio10"]  # natural order
+    assert "EBUSY" in r["devices"][1]["error"] and "in use" in r["devices"][1]["error"]
+    assert "VFIO_DEVICE_BIND_IOMMUFD" in r["devices"][0]["error"]
+    assert sysc.fds == set()
+    table = probe.render_table(r)
+    assert "vfio10" in table and "in use" in table
+
+
+@pytest.mark.hardware
+@pytest.mark.skipif(
+    not (os.path.exists("/dev/iommu") or os.path.exists("/dev/vfio")),
+    reason="no /dev/iommu or /dev/vfio on this machine",
+)
+def test_probe_this_host(capsys: pytest.CaptureFixture[str]) -> None:
+    assert probe.run(_args("--json")) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["transport"] == "linux"
+    for dev in doc["devices"]:
+        assert "error" in dev or "migration" in dev
+
+
+def test_emulated_device_has_no_iommu() -> None:
+    r = _model_report("mtty")
+    assert r["devices"][0]["iommu"] == {"type": "emulated", "dirty_tracking": False}
