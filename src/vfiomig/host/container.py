@@ -20,13 +20,13 @@ import os
 import struct
 from dataclasses import dataclass, field
 from errno import E2BIG
-from types import TracebackType
 from typing import Any
 
 from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes
 from vfiomig.host.device import VfioDevice
 from vfiomig.host.errors import ContainerError, GroupError, OpenError, VfioError, call
 from vfiomig.host.memory import Scratch, UserBuffer
+from vfiomig.host.resource import Resource
 from vfiomig.host.transport import VFIO_CONTAINER_PATH, Transport
 from vfiomig.uapi import vfio as v
 
@@ -57,14 +57,13 @@ class Type1Info:
         return p & -p if p else 4096
 
 
-class Container:
+class Container(Resource):
     """An open /dev/vfio/vfio; a context manager that closes it."""
 
     def __init__(self, transport: Transport, path: str = VFIO_CONTAINER_PATH) -> None:
         self.transport = transport
         self.path = path
         self.fd = call(OpenError, f"open({path})", transport.open, path, os.O_RDWR)
-        self.closed = False
         self.scratch = Scratch(transport.mmap)
 
     def ioctl(self, request: int, arg: Any, op: str, cls: type[VfioError] = ContainerError) -> int:
@@ -171,33 +170,18 @@ class Container:
         words = mem.words(min(nbytes, MAX_BITMAP_BYTES))
         return DirtyBitmap.from_words(iova, size, pgsize, words)
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+    def _release(self) -> None:
         self.scratch.close()
         call(ContainerError, "close(container)", self.transport.close, self.fd)
 
-    def __enter__(self) -> Container:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class Group:
+class Group(Resource):
     """An open /dev/vfio/N; a context manager that closes it."""
 
     def __init__(self, transport: Transport, path: str) -> None:
         self.transport = transport
         self.path = path
         self.fd = call(OpenError, f"open({path})", transport.open, path, os.O_RDWR)
-        self.closed = False
 
     def ioctl(self, request: int, arg: Any, op: str) -> int:
         if self.closed:
@@ -227,22 +211,8 @@ class Group:
         fd = self.ioctl(v.VFIO_GROUP_GET_DEVICE_FD, arg, f"VFIO_GROUP_GET_DEVICE_FD({name})")
         return VfioDevice(self.transport, f"{self.path}:{name}", fd=fd)
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+    def _release(self) -> None:
         call(GroupError, "close(group)", self.transport.close, self.fd)
-
-    def __enter__(self) -> Group:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _parse_type1_info(raw: bytes, hdr: v.vfio_iommu_type1_info) -> Type1Info:

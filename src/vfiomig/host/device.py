@@ -24,7 +24,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from errno import EINVAL, ENOTTY
-from types import TracebackType
 from typing import Any
 
 from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes
@@ -40,6 +39,7 @@ from vfiomig.host.errors import (
 from vfiomig.host.iommufd import Hwpt, Ioas, Iommufd
 from vfiomig.host.memory import Scratch
 from vfiomig.host.migration import MigrationFile
+from vfiomig.host.resource import Resource
 from vfiomig.host.transport import Transport
 from vfiomig.uapi import vfio as v
 
@@ -140,7 +140,7 @@ class DeviceInfo:
         return "unknown"
 
 
-class VfioDevice:
+class VfioDevice(Resource):
     """One VFIO device fd; a context manager that closes it.
 
     ``VfioDevice(transport, path)`` opens the cdev. A device obtained from a legacy group is
@@ -153,7 +153,6 @@ class VfioDevice:
         if fd is None:
             fd = call(OpenError, f"open({path})", transport.open, path, os.O_RDWR)
         self.fd = fd
-        self.closed = False
         self.dev_id: int | None = None
         self.pt_id: int | None = None
         self.scratch = Scratch(transport.mmap)
@@ -354,24 +353,10 @@ class VfioDevice:
 
     # -- lifetime -----------------------------------------------------------------------
 
-    def close(self) -> None:
+    def _release(self) -> None:
         """Close the device fd (the kernel unbinds it; data fds stay valid until closed)."""
-        if self.closed:
-            return
-        self.closed = True
         self.scratch.close()
         call(DeviceError, f"close({self.path})", self.transport.close, self.fd)
-
-    def __enter__(self) -> VfioDevice:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"VfioDevice({self.path!r}, fd={self.fd}{', closed' if self.closed else ''})"

@@ -22,12 +22,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from errno import EMSGSIZE
-from types import TracebackType
 from typing import Any
 
 from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes
 from vfiomig.host.errors import HwptError, IoasError, IommufdError, OpenError, VfioError, call
 from vfiomig.host.memory import Scratch, UserBuffer
+from vfiomig.host.resource import Resource
 from vfiomig.host.transport import IOMMUFD_PATH, Transport
 from vfiomig.uapi import iommufd as u
 
@@ -75,7 +75,7 @@ class IovaRanges:
     alignment: int
 
 
-class Iommufd:
+class Iommufd(Resource):
     """An open /dev/iommu (an ``iommufd_ctx``); a context manager that closes it.
 
     Closing destroys every object the context still holds, as the kernel does.
@@ -85,7 +85,6 @@ class Iommufd:
         self.transport = transport
         self.path = path
         self.fd = call(OpenError, f"open({path})", transport.open, path, os.O_RDWR)
-        self.closed = False
         self.scratch = Scratch(transport.mmap)
 
     def ioctl(self, request: int, arg: Any, op: str, cls: type[VfioError] = IommufdError) -> int:
@@ -142,51 +141,29 @@ class Iommufd:
 
     # -- lifetime -----------------------------------------------------------------------
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+    def _release(self) -> None:
         self.scratch.close()
         call(IommufdError, "close(iommufd)", self.transport.close, self.fd)
 
-    def __enter__(self) -> Iommufd:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class _Object:
+class _Object(Resource):
     """An iommufd object: an id inside one Iommufd; ``destroy()`` / context manager."""
 
     def __init__(self, ictx: Iommufd, obj_id: int) -> None:
         self.ictx = ictx
         self.id = obj_id
-        self.destroyed = False
+
+    @property
+    def destroyed(self) -> bool:
+        return self.closed
 
     def destroy(self) -> None:
         """IOMMU_DESTROY; a no-op once destroyed or after the iommufd was closed."""
-        if self.destroyed or self.ictx.closed:
-            self.destroyed = True
-            return
-        self.ictx.destroy(self.id)
-        self.destroyed = True
+        self.close()
 
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.destroy()
+    def _release(self) -> None:
+        if not self.ictx.closed:  # closing the iommufd destroyed everything already
+            self.ictx.destroy(self.id)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id})"

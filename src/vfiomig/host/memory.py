@@ -14,15 +14,16 @@ that asks for a dirty bitmap hundreds of times does not map new memory each time
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
 
+from vfiomig.host.resource import Resource
+
 PAGE_SIZE = 4096
 
 
-class UserBuffer:
+class UserBuffer(Resource):
     """A range ``[addr, addr + length)`` of user memory; a context manager that unmaps it."""
 
     def __init__(
@@ -35,8 +36,7 @@ class UserBuffer:
         self.addr = addr
         self.length = length
         self._array = array
-        self._release = release
-        self.closed = False
+        self._unmap = release
 
     @property
     def backed(self) -> bool:
@@ -75,25 +75,10 @@ class UserBuffer:
         if start < 0 or end < start or end > self.length:
             raise ValueError(f"range [{start}, {end}) outside a {self.length}-byte user buffer")
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+    def _release(self) -> None:
         self._array = None
-        if self._release is not None:
-            release, self._release = self._release, None
-            release()
-
-    def __enter__(self) -> UserBuffer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        if self._unmap is not None:
+            self._unmap()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("backed" if self._array is not None else "unbacked")

@@ -14,9 +14,9 @@ import ctypes
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from errno import EIO, ENOMSG
-from types import TracebackType
 
 from vfiomig.host.errors import MigrationDataError, call
+from vfiomig.host.resource import Resource
 from vfiomig.host.transport import POLLIN, Transport
 from vfiomig.uapi import vfio as v
 
@@ -37,7 +37,7 @@ class PrecopyInfo:
         return bool(self.flags & v.VFIO_PRECOPY_INFO_REINIT)
 
 
-class MigrationFile:
+class MigrationFile(Resource):
     """A migration data fd; a context manager that closes it."""
 
     def __init__(self, transport: Transport, fd: int, *, saving: bool, state: int) -> None:
@@ -45,7 +45,6 @@ class MigrationFile:
         self.fd = fd
         self.saving = saving
         self.state = state  # the state whose arc opened this session
-        self.closed = False
 
     def _check(self) -> None:
         if self.closed:
@@ -138,22 +137,8 @@ class MigrationFile:
 
     # -- lifetime -----------------------------------------------------------------------
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+    def _release(self) -> None:
         call(MigrationDataError, "close(data_fd)", self.transport.close, self.fd)
-
-    def __enter__(self) -> MigrationFile:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         kind = "saving" if self.saving else "resuming"
