@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from errno import EBADF, EBADFD, EFAULT, EINVAL, EOPNOTSUPP
+from errno import EBADF, EBADFD, EBUSY, EFAULT, EINVAL, EOPNOTSUPP
 from typing import Any
 
 from vfiomig.kernel.errors import err
@@ -29,6 +29,7 @@ _PT_ID_OFF = v.vfio_device_attach_iommufd_pt.pt_id.offset
 
 def vfio_df_ioctl_bind_iommufd(df: Any, arg: UserArg | int) -> int:
     """vfio_df_ioctl_bind_iommufd (7.2), check for check."""
+    from vfiomig.kernel.group import vfio_group_of
     from vfiomig.kernel.iommufd.access import iommufd_access_create
     from vfiomig.kernel.iommufd.device import iommufd_device_bind
     from vfiomig.kernel.iommufd.main import IommufdFile
@@ -41,7 +42,12 @@ def vfio_df_ioctl_bind_iommufd(df: Any, arg: UserArg | int) -> int:
     bind = arg.copy_struct(v.vfio_device_bind_iommufd, argsz, _BIND_MINSZ)  # E2BIG past 24
     if bind.flags & ~v.VFIO_DEVICE_BIND_FLAG_TOKEN or bind.iommufd < 0:
         raise err(EINVAL)
-    if df.group is not None or df.access_granted:  # legacy group fd, or a second bind
+    if df.group is not None:  # BIND_IOMMUFD is only for cdev fds
+        raise err(EINVAL)
+    group = vfio_group_of(df.device)
+    if group is not None and group.opened_file is not None:  # vfio_device_block_group
+        raise err(EBUSY)
+    if df.access_granted:  # one device file cannot be bound twice
         raise err(EINVAL)
     kernel = df.device.kernel
     f = kernel.fdt.files.get(bind.iommufd)

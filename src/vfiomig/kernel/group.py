@@ -78,11 +78,17 @@ class VfioGroup:
         )
 
     def cdev_device_open_cnt(self) -> int:
-        """group->cdev_device_open_cnt: cdev fds open on devices of this group."""
+        """group->cdev_device_open_cnt: cdev fds bound on devices of this group.
+
+        vfio_device_block_group() counts a cdev fd at VFIO_DEVICE_BIND_IOMMUFD, not at open.
+        """
         return sum(
             1
             for f in self.kernel.fdt.files.values()
-            if isinstance(f, VfioDeviceFile) and f.group is None and f.device in self.devices
+            if isinstance(f, VfioDeviceFile)
+            and f.group is None
+            and f.access_granted
+            and f.device in self.devices
         )
 
 
