@@ -193,6 +193,17 @@ def _unpinnable_alloc(w: World) -> int:
     return errno_of(w.f.hwpt_alloc, w.dev.devid, ioas, 0)
 
 
+def _group_fd(w: World) -> int:
+    """A device fd obtained through the legacy group path."""
+    path = w.k.add_device("reference")
+    g = w.k.open(w.k.group_of(path))
+    c = w.k.open("/dev/vfio/vfio")
+    w.k.ioctl(g, v.VFIO_GROUP_SET_CONTAINER, ctypes.c_int32(c))
+    w.k.ioctl(c, v.VFIO_SET_IOMMU, v.VFIO_TYPE1v2_IOMMU)
+    name = ctypes.create_string_buffer(path.rsplit("/", 1)[1].encode())
+    return w.k.ioctl(g, v.VFIO_GROUP_GET_DEVICE_FD, name)
+
+
 def _destroy(w: World, oid: int) -> int:
     return w.e(u.IOMMU_DESTROY, sized(u.iommu_destroy, id=oid))
 
@@ -284,6 +295,7 @@ CASES: list[tuple[str, Callable[[World], int], int]] = [
     ("BIND unknown flags -> EINVAL", lambda w: w.bind_e(w.new_fd(), flags=2), E.EINVAL),
     ("BIND iommufd < 0 -> EINVAL", lambda w: w.bind_e(w.new_fd(), iommufd=-1), E.EINVAL),
     ("BIND second bind -> EINVAL", lambda w: w.bind_e(w.dev.fd), E.EINVAL),
+    ("BIND fd from the legacy group path -> EINVAL", lambda w: w.bind_e(_group_fd(w)), E.EINVAL),
     ("BIND fd not open -> EBADF", lambda w: w.bind_e(w.new_fd(), iommufd=999), E.EBADF),
     (
         "BIND fd not an iommufd -> EBADFD",

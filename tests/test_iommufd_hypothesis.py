@@ -16,10 +16,15 @@ The oracle is written from the rules, not from the implementation:
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_iommufd_util import BASE, DIRTY, K4, M2, NO_CLEAR, Iommufd, OrIntoDomain
+
+from vfiomig.hw.iommu import IommuFault
+from vfiomig.uapi import iommufd as u
 
 VENDORS = ["smmuv3", "vtd", "amd"]
 
@@ -131,3 +136,94 @@ def test_dirty_bitmap_matches_oracle(layout: dict[str, object], data: st.DataObj
             dirty = {
                 lf for lf in dirty if not any(lf[0] <= p and lf[0] + lf[1] > c for c, p in walked)
             }
+
+
+# -- robustness: no input makes anything but OSError escape ------------------------------
+
+_NUMS = [
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    7,
+    0x100,
+    K4 - 1,
+    K4,
+    3 * K4,
+    M2,
+    BASE,
+    BASE + K4,
+    1 << 48,
+    (1 << 63),
+    (1 << 64) - K4,
+    (1 << 64) - 1,
+]
+_CMDS = [
+    (u.IOMMU_DESTROY, u.iommu_destroy),
+    (u.IOMMU_IOAS_ALLOC, u.iommu_ioas_alloc),
+    (u.IOMMU_IOAS_IOVA_RANGES, u.iommu_ioas_iova_ranges),
+    (u.IOMMU_IOAS_ALLOW_IOVAS, u.iommu_ioas_allow_iovas),
+    (u.IOMMU_IOAS_MAP, u.iommu_ioas_map),
+    (u.IOMMU_IOAS_COPY, u.iommu_ioas_copy),
+    (u.IOMMU_IOAS_UNMAP, u.iommu_ioas_unmap),
+    (u.IOMMU_OPTION, u.iommu_option),
+    (u.IOMMU_VFIO_IOAS, u.iommu_vfio_ioas),
+    (u.IOMMU_HWPT_ALLOC, u.iommu_hwpt_alloc),
+    (u.IOMMU_GET_HW_INFO, u.iommu_hw_info),
+    (u.IOMMU_HWPT_SET_DIRTY_TRACKING, u.iommu_hwpt_set_dirty_tracking),
+    (u.IOMMU_HWPT_GET_DIRTY_BITMAP, u.iommu_hwpt_get_dirty_bitmap),
+    (u.IOMMU_HWPT_INVALIDATE, u.iommu_hwpt_invalidate),
+]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_commands_only_raise_oserror(data: st.DataObject) -> None:
+    f = Iommufd(vendor=data.draw(st.sampled_from(VENDORS)))
+    mem, _ = f.buf(64 * K4)
+    d = f.dev()
+    m = f.dev("mtty")
+    ids = [f.ioas_alloc(), d.devid, m.devid]
+    ptrs = [mem, mem + 0xFF1, mem + 60 * K4, 16]
+    for _ in range(data.draw(st.integers(1, 25))):
+        kind = data.draw(st.integers(0, 9))
+        try:
+            if kind < 7:
+                req, cls = data.draw(st.sampled_from(_CMDS))
+                cmd = cls(size=ctypes.sizeof(cls))
+                for field in cls._fields_:
+                    name, ctype = field[0], field[1]
+                    if name in ("size",) or not issubclass(ctype, ctypes._SimpleCData):
+                        continue
+                    pool = st.sampled_from(
+                        ids + [0, 99]
+                        if name.endswith("_id") or name == "id"
+                        else ptrs
+                        if name in ("user_va", "data", "data_uptr", "allowed_iovas")
+                        else _NUMS
+                    )
+                    bits = ctypes.sizeof(ctype) * 8
+                    setattr(cmd, name, data.draw(pool) & ((1 << bits) - 1))
+                f.ioctl(req, cmd)
+                for name in ("out_ioas_id", "out_hwpt_id"):
+                    if hasattr(cmd, name) and getattr(cmd, name):
+                        ids.append(int(getattr(cmd, name)))
+            elif kind == 7:
+                dev = data.draw(st.sampled_from([d, m]))
+                dev.attach(
+                    data.draw(st.sampled_from(ids + [0])), data.draw(st.sampled_from([0, 1, 2]))
+                )
+            elif kind == 8:
+                data.draw(st.sampled_from([d, m])).detach()
+            else:
+                off = data.draw(st.integers(0, 64)) * K4
+                d.hw.dma_write(BASE + off, data.draw(st.integers(1, 3 * K4)))
+        except OSError:
+            pass
+        except IommuFault:
+            pass  # a DMA the IOMMU refused: the hardware's own exception
+    f.k.close(f.fd)
+    d.close()
+    m.close()

@@ -184,6 +184,11 @@ def test_auto_iova_keeps_user_va_alignment() -> None:
     assert iova2 % K4 == 0 and iova2 != 0
     iova3 = f.map(ioas, buf + 0x123, 0x100)  # no domain: byte granular, offset kept
     assert iova3 % K4 == 0x123
+    # The alignment is capped at the THP size: a 2 MiB aligned hole will do for a big,
+    # very aligned user_va (not pinned: the IOAS has no domain).
+    other = f.ioas_alloc()
+    f.allow(other, [(BASE + M2, BASE + 16 * M2 - 1)])
+    assert f.map(other, 1 << 40, 4 * M2) == BASE + M2
 
 
 def test_area_allowed() -> None:
