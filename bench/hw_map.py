@@ -63,7 +63,8 @@ def one_vendor(vendor: str, mem: Memory, uva: int, ref: float) -> None:
     bits = dom.nbytes * 8 / PAGES
     print(
         f"{vendor:7s} map {t_map * 1e3:7.1f} ms   read_and_clear+sync {t_rc * 1e3:6.1f} ms "
-        f"({t_rc / ref:4.1f}x reference)   state {dom.nbytes / 2**20:6.1f} MiB = {bits:.2f} bits/page"
+        f"({t_rc / ref:4.1f}x reference)   "
+        f"state {dom.nbytes / 2**20:6.1f} MiB = {bits:.2f} bits/page"
     )
 
 

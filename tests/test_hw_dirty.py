@@ -47,10 +47,16 @@ class Oracle:
     def map(self, iova: int, uva: int, length: int, write: bool, huge: bool) -> None:
         cur, end = iova, iova + length
         while cur < end:
-            size = next(s for s in ((G1, M2, K4) if huge else (K4,))
-                        if cur % s == 0 and (uva + cur - iova) % s == 0 and cur + s <= end)
-            bisect.insort(self.leaves, Leaf(cur, size, write, self.vendor == "smmuv3" and write),
-                          key=lambda lf: lf.start)
+            size = next(
+                s
+                for s in ((G1, M2, K4) if huge else (K4,))
+                if cur % s == 0 and (uva + cur - iova) % s == 0 and cur + s <= end
+            )
+            bisect.insort(
+                self.leaves,
+                Leaf(cur, size, write, self.vendor == "smmuv3" and write),
+                key=lambda lf: lf.start,
+            )
             cur += size
         self.maps.append((iova, length))
 
@@ -87,8 +93,9 @@ class Oracle:
     def split(self, lf: Leaf) -> None:
         i = self.leaves.index(lf)
         small = lf.size // 512
-        self.leaves[i : i + 1] = [Leaf(lf.start + k * small, small, lf.write, lf.dirty)
-                                  for k in range(512)]
+        self.leaves[i : i + 1] = [
+            Leaf(lf.start + k * small, small, lf.write, lf.dirty) for k in range(512)
+        ]
 
 
 class Machine:
@@ -105,7 +112,9 @@ class Machine:
         self.orc = Oracle(vendor)
         self.used: set[int] = set()
 
-    def map_small(self, slot: int, off: int, npages: int, shift: bool, write: bool, huge: bool) -> None:
+    def map_small(
+        self, slot: int, off: int, npages: int, shift: bool, write: bool, huge: bool
+    ) -> None:
         if slot in self.used:
             return
         self.used.add(slot)
@@ -147,20 +156,44 @@ class Machine:
 def _range_near(data: st.DataObject, m: Machine) -> tuple[int, int]:
     """A page-aligned range around one mapping (often cutting into its leaves)."""
     iova, length = data.draw(st.sampled_from(m.orc.maps))
-    a = iova + data.draw(st.sampled_from([0, K4, M2 - K4, M2 + K4]) | st.integers(-4, length // K4)) * K4
-    n = data.draw(st.sampled_from([length, K4, M2, 3 * M2 + K4]) | st.integers(1, 2048).map(lambda p: p * K4))
+    a = (
+        iova
+        + data.draw(st.sampled_from([0, K4, M2 - K4, M2 + K4]) | st.integers(-4, length // K4)) * K4
+    )
+    n = data.draw(
+        st.sampled_from([length, K4, M2, 3 * M2 + K4]) | st.integers(1, 2048).map(lambda p: p * K4)
+    )
     return max(a, K4), max(a, K4) + n
 
 
 def _step(data: st.DataObject, m: Machine) -> None:
-    op = data.draw(st.sampled_from(["map", "map", "big", "write", "write", "write", "read",
-                                    "clear", "clear", "peek", "unmap", "split"]))
+    op = data.draw(
+        st.sampled_from(
+            [
+                "map",
+                "map",
+                "big",
+                "write",
+                "write",
+                "write",
+                "read",
+                "clear",
+                "clear",
+                "peek",
+                "unmap",
+                "split",
+            ]
+        )
+    )
     if op == "map":
-        m.map_small(data.draw(st.integers(0, 7)),
-                    data.draw(st.sampled_from([0, 1, 511, 512, 1000])),
-                    data.draw(st.sampled_from([1, 511, 512, 513, 1536, 2000, 4000])),
-                    data.draw(st.booleans()), data.draw(st.integers(0, 3).map(bool)),
-                    data.draw(st.booleans()))
+        m.map_small(
+            data.draw(st.integers(0, 7)),
+            data.draw(st.sampled_from([0, 1, 511, 512, 1000])),
+            data.draw(st.sampled_from([1, 511, 512, 513, 1536, 2000, 4000])),
+            data.draw(st.booleans()),
+            data.draw(st.integers(0, 3).map(bool)),
+            data.draw(st.booleans()),
+        )
     elif op == "big":
         m.map_big(data.draw(st.sampled_from([G1 + M2 + 3 * K4, 2 * G1, G1 - M2])))
     elif not m.orc.maps:
@@ -223,7 +256,9 @@ def test_one_tib_of_4k_leaves(vendor: str) -> None:
     bits = dom.read_and_clear_dirty(tib, tib, clear=True)
     dom.iotlb_sync(tib, tib)
     assert bits.size == (1 << 28) // 8
-    assert np.flatnonzero(np.unpackbits(bits, bitorder="little")).tolist() == sorted(pages + [76, 77])
+    assert np.flatnonzero(np.unpackbits(bits, bitorder="little")).tolist() == sorted(
+        pages + [76, 77]
+    )
     assert not dom.read_and_clear_dirty(tib, tib, clear=False).any()
     assert dom.nbytes <= (1 << 28) // 8 * 2 + (1 << 20)  # at most two bits per page
     assert dom.leaf(tib + tib - 1) == (tib + tib - K4, K4)

@@ -72,19 +72,25 @@ def test_dma_device_records_faults_on_both_sides() -> None:
 
 # Random maps: (first IOVA page, pages, first memory page, writable).
 maps_st = st.lists(
-    st.tuples(st.integers(0, WINDOW - 1), st.integers(1, 6), st.integers(0, MEM_PAGES - 1), st.booleans()),
+    st.tuples(
+        st.integers(0, WINDOW - 1), st.integers(1, 6), st.integers(0, MEM_PAGES - 1), st.booleans()
+    ),
     max_size=10,
 )
 dmas_st = st.lists(
     st.tuples(st.integers(0, WINDOW * K4 - 1), st.integers(1, 3 * K4), st.booleans()),
-    min_size=1, max_size=15,
+    min_size=1,
+    max_size=15,
 )
 
 
 @settings(max_examples=150, deadline=None)
 @given(vendor=st.sampled_from(VENDORS), maps=maps_st, dmas=dmas_st, seed=st.integers(0, 2**32 - 1))
 def test_a_device_never_writes_where_it_has_no_writable_mapping(
-    vendor: str, maps: list[tuple[int, int, int, bool]], dmas: list[tuple[int, int, bool]], seed: int
+    vendor: str,
+    maps: list[tuple[int, int, int, bool]],
+    dmas: list[tuple[int, int, bool]],
+    seed: int,
 ) -> None:
     mem = Memory()
     region = mem.mmap(MEM_PAGES * K4)

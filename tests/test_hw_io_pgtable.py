@@ -16,8 +16,13 @@ ranges = st.tuples(st.integers(0, N), st.integers(0, N)).map(sorted)
 
 
 @settings(max_examples=200, deadline=None)
-@given(ops=st.lists(st.tuples(st.booleans(), ranges), max_size=12), probes=st.lists(ranges, min_size=1, max_size=6))
-def test_packed_bits_match_a_bool_array(ops: list[tuple[bool, list[int]]], probes: list[list[int]]) -> None:
+@given(
+    ops=st.lists(st.tuples(st.booleans(), ranges), max_size=12),
+    probes=st.lists(ranges, min_size=1, max_size=6),
+)
+def test_packed_bits_match_a_bool_array(
+    ops: list[tuple[bool, list[int]]], probes: list[list[int]]
+) -> None:
     bits, oracle = PackedBits(), np.zeros(N, bool)
     for setting, (a, b) in ops:
         if setting:
@@ -48,7 +53,7 @@ def test_extents_remove_keeps_the_outside_parts() -> None:
     ex.remove(0x14000, 0x32000)
     got = [(e.iova, e.uva, e.length, e.write) for e in ex]
     assert got == [(0x10000, 0x7000_0000, 0x4000, True), (0x32000, 0x8000_2000, 0x2000, False)]
-    assert ex.find(0x14000) is None and ex.find(0x33fff) is not None
+    assert ex.find(0x14000) is None and ex.find(0x33FFF) is not None
     assert ex.overlaps(0x13000, 0x14000) and not ex.overlaps(0x14000, 0x32000)
 
 
@@ -65,3 +70,27 @@ def test_greedy_leaf_choice() -> None:
         sizes.append(lf[1])
         cur += lf[1]
     assert sizes == [4096] * 2 + [SZ_2M] * 3 + [SZ_1G] + [SZ_2M] * 1 + [4096] * 510
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(CHUNK_PAGES - 9000, CHUNK_PAGES + 9000), st.integers(1, 3000)),
+        max_size=8,
+    ),
+    st.integers(CHUNK_PAGES - 6000, CHUNK_PAGES + 1000),
+    st.integers(1, 5000),
+)
+def test_or_into_equals_get_ored_into_existing_bits(
+    runs: list[tuple[int, int]], p0: int, n: int
+) -> None:
+    bits = PackedBits()
+    for start, length in runs:
+        bits.set(start, start + length)
+    rng = np.random.default_rng(p0 ^ n)
+    before = rng.integers(0, 256, (n + 7) // 8 + 2, dtype=np.uint8)  # garbage stays set
+    out = before.copy()
+    bits.or_into(p0, p0 + n, out)
+    want = before.copy()
+    want[: (n + 7) // 8] |= bits.get(p0, p0 + n)
+    assert np.array_equal(out, want)

@@ -42,8 +42,15 @@ def harvest(dom: Domain, iova: int, length: int) -> list[int]:
     return pages
 
 
-def setup(vendor: str, length: int = 4 * M2, *, huge: bool = True, bbml2: bool = False,
-          write: bool = True, tracking: bool = True) -> tuple[Domain, object, int]:
+def setup(
+    vendor: str,
+    length: int = 4 * M2,
+    *,
+    huge: bool = True,
+    bbml2: bool = False,
+    write: bool = True,
+    tracking: bool = True,
+) -> tuple[Domain, object, int]:
     """A dirty-tracking domain with one device and [IOVA, IOVA+length) mapped (unbacked)."""
     mem = Memory()
     region = mem.mmap(length + G1, backed=False)
@@ -210,7 +217,11 @@ def test_smmuv3_read_only_and_non_dirty_domains_have_no_dbm() -> None:
 def test_x86_encodings(vendor: str, dirty_bit: int, perm_bits: int, large_bit: int) -> None:
     dom, dev, uva = setup(vendor, M2 + K4)
     blk, page = dom.pte(IOVA), dom.pte(IOVA + M2)
-    assert blk & perm_bits == perm_bits and not blk & dirty_bit and blk & ((1 << 52) - 1) & ~0xFFF == uva
+    assert (
+        blk & perm_bits == perm_bits
+        and not blk & dirty_bit
+        and blk & ((1 << 52) - 1) & ~0xFFF == uva
+    )
     assert page & DMA_PTE_LARGE_PAGE == 0 and blk & DMA_PTE_LARGE_PAGE == large_bit
     dom.dma(dev, IOVA + M2, 1, write=True)
     assert dom.pte(IOVA + M2) & dirty_bit and not dom.pte(IOVA) & dirty_bit
@@ -285,6 +296,29 @@ def test_clear_without_iotlb_flush_loses_the_next_write(vendor: str, via_read: b
     assert harvest(dom, IOVA, 8 * K4) == [1]  # with the flush, every write is seen
 
 
+@pytest.mark.parametrize("vendor", ["vtd", "amd"])
+def test_unmap_drops_dirty_bits_and_cached_entries(vendor: str) -> None:
+    dom, dev, uva = setup(vendor, 8 * K4, huge=False)
+    dom.dma(dev, IOVA, 1, write=True)  # dirty, and cached as writable-dirty
+    assert dom.unmap(IOVA, 8 * K4) == 8 * K4
+    dom.map(IOVA, uva, 8 * K4, read=True, write=True, huge=False)
+    assert dirty_pages(dom, IOVA, 8 * K4) == []  # a new x86 leaf starts clean
+    dom.dma(dev, IOVA, 1, write=True)  # walked: the unmap invalidated the old entry
+    assert dirty_pages(dom, IOVA, 8 * K4) == [0]
+
+
+@pytest.mark.parametrize(
+    ("vendor", "bbml2"), [("smmuv3", False), ("smmuv3", True), ("vtd", False), ("amd", False)]
+)
+def test_split_drops_the_cached_huge_entry(vendor: str, bbml2: bool) -> None:
+    dom, dev, _ = setup(vendor, M2, bbml2=bbml2)
+    dom.dma(dev, IOVA, 1, write=True)  # the 2M leaf is dirty and cached writable-dirty
+    dom.split(IOVA)
+    assert len(dirty_pages(dom, IOVA, M2, clear=True)) == 512  # cleared, no flush after
+    dom.dma(dev, IOVA + 9 * K4, 1, write=True)  # no stale 2M entry: walked, recorded
+    assert dirty_pages(dom, IOVA, M2) == [9]
+
+
 def test_flush_all_and_enable_flush_drop_cached_entries() -> None:
     dom, dev, _ = setup("vtd", 8 * K4, huge=False)
     dom.dma(dev, IOVA, 1, write=True)
@@ -315,7 +349,12 @@ def _split_with_dma(dom: Domain, dev: object, iova: int) -> list[str]:
 
 @pytest.mark.parametrize(
     ("vendor", "bbml2", "faults"),
-    [("smmuv3", False, True), ("smmuv3", True, False), ("vtd", False, False), ("amd", False, False)],
+    [
+        ("smmuv3", False, True),
+        ("smmuv3", True, False),
+        ("vtd", False, False),
+        ("amd", False, False),
+    ],
 )
 def test_split_break_before_make(vendor: str, bbml2: bool, faults: bool) -> None:
     dom, dev, uva = setup(vendor, 2 * M2, bbml2=bbml2)

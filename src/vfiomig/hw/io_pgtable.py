@@ -116,6 +116,26 @@ class PackedBits:
         local = p & (CHUNK_PAGES - 1)
         return c is not None and bool(int(c[local >> 3]) >> (local & 7) & 1)
 
+    def or_into(self, p0: int, p1: int, out: U8) -> None:
+        """OR the bits of pages [p0, p1) into `out` (bit 0 of out[0] is page p0).
+
+        The fast path of a dirty-bitmap read: when p0 is byte aligned, each allocated chunk
+        is ORed straight into `out`, with no intermediate array; absent chunks cost nothing.
+        """
+        if p0 & 7:
+            n = (p1 - p0 + 7) >> 3
+            out[:n] |= self.get(p0, p1)
+            return
+        for key, lo, hi in pieces(p0, p1):
+            c = self._chunks.get(key)
+            if c is None:
+                continue
+            o = ((key << CHUNK_SHIFT) + lo - p0) >> 3
+            whole = (hi - lo) >> 3
+            out[o : o + whole] |= c[lo >> 3 : (lo >> 3) + whole]
+            if (hi - lo) & 7:  # a partial last byte: only the bits inside the range
+                out[o + whole] |= c[(lo >> 3) + whole] & ((1 << ((hi - lo) & 7)) - 1)
+
     def get(self, p0: int, p1: int) -> U8:
         """Bits of pages [p0, p1) packed little-endian from bit 0; pad bits are 0."""
         base, top = p0 & ~7, (p1 + 7) & ~7

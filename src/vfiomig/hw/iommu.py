@@ -257,15 +257,30 @@ class Domain:
 
     # -- dirty bits and IOTLB -----------------------------------------------------------
 
-    def read_and_clear_dirty(self, iova: int, length: int, *, clear: bool) -> npt.NDArray[np.uint8]:
+    def read_and_clear_dirty(
+        self,
+        iova: int,
+        length: int,
+        *,
+        clear: bool,
+        out: npt.NDArray[np.uint8] | None = None,
+    ) -> npt.NDArray[np.uint8]:
         """The packed 4 KiB dirty bitmap of [iova, iova+length). With clear, each dirty leaf
         is test-and-cleared whole (generic_pt record_dirty -> pt_entry_make_write_clean;
         SMMUv3 sets AP[2]); the caller flushes the IOTLB (iotlb_sync). No "enabled" check:
-        bits from an earlier enabled period are reported and cleared (§9.1)."""
+        bits from an earlier enabled period are reported and cleared (§9.1).
+
+        With `out` (at least ceil(pages / 8) bytes), the bits are ORed into it and `out` is
+        returned: the kernel passes the user's bitmap itself, as the hardware walk records
+        straight into iova_bitmap."""
         self._need_dirty_ops()
         _check_aligned(iova=iova, length=length)
         p0, p1 = iova >> PAGE_SHIFT, (iova + length) >> PAGE_SHIFT
-        bits = self.pt.dirty.get(p0, p1)
+        if out is None:
+            bits = self.pt.dirty.get(p0, p1)
+        else:
+            self.pt.dirty.or_into(p0, p1, out)
+            bits = out
         if clear and p1 > p0:
             self.pt.dirty.clear(*self.pt.leaf_pages(p0, p1))
         return bits
@@ -340,7 +355,9 @@ class Domain:
             raise IommuFault(fault[0], write, fault[1])
         return segs
 
-    def _walk(self, cur: int, end: int, write: bool, segs: list[tuple[int, int]]) -> tuple[int, str] | None:
+    def _walk(
+        self, cur: int, end: int, write: bool, segs: list[tuple[int, int]]
+    ) -> tuple[int, str] | None:
         """Fill segs extent by extent; the first (iova, reason) that faults, else None."""
         while cur < end:
             e = self.pt.extents.find(cur)
@@ -370,7 +387,8 @@ class Domain:
             self.faults.append((f.iova, f.write, f.reason))
             raise
         if length:
-            p0, p1 = self.pt.leaf_pages(iova >> PAGE_SHIFT, (iova + length - 1 >> PAGE_SHIFT) + 1)
+            last = (iova + length - 1) >> PAGE_SHIFT
+            p0, p1 = self.pt.leaf_pages(iova >> PAGE_SHIFT, last + 1)
             if write:
                 _walker_write(self.pt.dirty, self.tlb, p0, p1, self.tracking_enabled(dev))
             else:

@@ -685,14 +685,14 @@ def record_dirty(domain: Any, bitmap: IovaBitmap, cur: int, length: int, clear: 
     the 4 KiB bitmap, which are added here as ranges.
 
     When the user's bitmap takes the 4 KiB bits as they are (granule 4 KiB, byte aligned,
-    one backed mapping) and the hw can OR its bits into a given array, the bits go straight
-    into user memory: no intermediate array.
+    one backed mapping), the hw ORs its bits straight into user memory: no intermediate
+    array.
     """
     npages = length // PAGE_SIZE
     if npages == 0:
         return
     end = cur + length
-    direct = bitmap.direct_view(cur, npages) if _hw_or_into(domain) else None
+    direct = bitmap.direct_view(cur, npages)
     if direct is not None:
         # the edge leaves' state, read before the bulk read clears it
         first_dirty = _page_dirty(domain, cur)
@@ -715,24 +715,6 @@ def record_dirty(domain: Any, bitmap: IovaBitmap, cur: int, length: int, clear: 
         if lstart + lsize > end:
             rec = max(lstart, cur)
             bitmap.set(rec, lsize)
-
-
-_OR_INTO: dict[type, bool] = {}
-
-
-def _hw_or_into(domain: Any) -> bool:
-    """Whether the hw's read_and_clear_dirty takes `out=` (OR its bits into an array)."""
-    cls = type(domain)
-    got = _OR_INTO.get(cls)
-    if got is None:
-        import inspect
-
-        try:
-            got = "out" in inspect.signature(domain.read_and_clear_dirty).parameters
-        except (TypeError, ValueError):
-            got = False
-        _OR_INTO[cls] = got
-    return got
 
 
 def _page_dirty(domain: Any, iova: int) -> bool:
