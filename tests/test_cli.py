@@ -54,3 +54,25 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         main(["no-such-command"])
     assert e.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback() -> None:
+    # `vfiomig probe --json | head -1`: the reader is gone; no traceback, SIGPIPE's status.
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)  # nobody will read: the first write fails with EPIPE
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "vfiomig.cli", "probe", "--model", "mtty", "--json"],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
+    finally:
+        os.close(w)
+    err = proc.stderr.decode()
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+    assert proc.returncode == 141

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+from typing import Any
 
 import pytest
 
+from vfiomig.conformance import runner
+from vfiomig.conformance import stream as stream_mod
+from vfiomig.host import LinuxTransport, Syscalls
+from vfiomig.host.transport import IoctlArg
 from vfiomig.tools import conformance as conf
+from vfiomig.uapi import iommufd as u
 
 FAIL, PASS, SKIP = conf.FAIL, conf.PASS, conf.SKIP
 
@@ -160,8 +167,18 @@ def test_conformance_on_a_real_device(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_large_streams_spill_to_a_file_and_still_compare(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(conf, "KEEP_STREAM", 4096)  # every saved stream goes to a temp file
+    spilled: list[object] = []
+    real = stream_mod.tempfile.TemporaryFile
+
+    def temporary_file() -> Any:
+        f = real()
+        spilled.append(f)
+        return f
+
+    monkeypatch.setattr(stream_mod, "KEEP_STREAM", 4096)  # every saved stream spills
+    monkeypatch.setattr(stream_mod.tempfile, "TemporaryFile", temporary_file)
     clean = _results("--model", "reference")
+    assert spilled  # the comparisons below really ran on spilled streams
     assert [r.reason for r in clean.values() if r.status != PASS] == []
     lossy = _results("--model", "reference", "--defect", "lossy_resume")
     reason = lossy["save-resume-roundtrip"].reason
@@ -197,3 +214,128 @@ def test_blocked_arcs_are_skipped_when_unsafe() -> None:
     target.blocked_arcs_safe = False
     (res,) = conf.run_suite(target, ["fsm-blocked-arcs"])
     assert res.status == SKIP and "hang" in res.reason
+
+
+def test_device_without_migration_fails_one_check_and_skips_the_rest() -> None:
+    # hisi_acc without its PF driver is plain vfio-pci: MIGRATION is ENOTTY. Every check
+    # that needs migration must skip with that reason, not fail on a GET state it cannot do.
+    res = _results("--model", "hisi_acc:pf_driver=0")
+    assert res["migration-flags"].status == FAIL
+    assert "does not support migration" in res["migration-flags"].reason
+    assert res["dma-logging-validation"].status == PASS
+    others = {n: r for n, r in res.items() if n not in conf.WITHOUT_MIGRATION}
+    assert {r.status for r in others.values()} == {SKIP}
+    assert all("does not support migration" in r.reason for r in others.values())
+
+
+class _Host(Syscalls):
+    """A fake Linux host: nodes in `missing` are ENOENT, nodes in `busy` EBUSY."""
+
+    def __init__(self, missing: set[str], busy: set[str] | None = None) -> None:
+        self.missing, self.busy, self.fds = missing, busy or set(), set[int]()
+
+    def open(self, path: str, flags: int) -> int:
+        for nodes, code in ((self.missing, errno.ENOENT), (self.busy, errno.EBUSY)):
+            if path in nodes:
+                raise OSError(code, os.strerror(code))
+        fd = 100 + len(self.fds)
+        self.fds.add(fd)
+        return fd
+
+    def close(self, fd: int) -> None:
+        self.fds.remove(fd)
+
+    def ioctl(self, fd: int, request: int, arg: IoctlArg) -> int:
+        if request == u.IOMMU_IOAS_ALLOC:
+            assert isinstance(arg, u.iommu_ioas_alloc)
+            arg.out_ioas_id = 1
+            return 0
+        if request == u.IOMMU_DESTROY:
+            return 0
+        raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+
+
+@pytest.mark.parametrize(
+    ("missing", "busy", "phrase"),
+    [
+        ({"/dev/iommu", "/dev/vfio/devices/vfio3"}, set(), "this host has no iommufd"),
+        ({"/dev/vfio/devices/vfio3"}, set(), "no such device node"),
+        (set(), {"/dev/vfio/devices/vfio3"}, "in use"),
+    ],
+)
+def test_a_device_that_cannot_be_opened_is_one_clear_failure(
+    missing: set[str], busy: set[str], phrase: str
+) -> None:
+    host = _Host(missing, busy)
+    target = conf.Target(LinuxTransport(host), "/dev/vfio/devices/vfio3", None)
+    (res,) = conf.run_suite(target)
+    assert (res.name, res.status) == ("setup", FAIL)
+    assert "cannot open the device" in res.reason and phrase in res.reason
+    assert host.fds == set()  # what was opened before the failure is closed again
+
+
+@pytest.mark.parametrize(
+    ("argv", "phrase"),
+    [
+        (["--model", "reference", "--device2", "/dev/vfio/devices/vfio1"], "--device2 goes with"),
+        (["--model", "mtty", "--defect", "lossy_resume"], "not of mtty"),
+        (["--model", "hisi_acc", "--migration-flags", "5"], "not of hisi_acc"),
+        (
+            ["--device", "/dev/vfio/devices/vfio0", "--yes", "--state-size", "4096"],
+            "not of --device",
+        ),
+        (["--model", "reference:bogus=1"], "reference has no option 'bogus'"),
+        (["--model", "reference:state_size=abc"], "expected an integer"),
+        (["--model", "reference:log_page_shift=5"], "expected 2 integers"),
+        (["--model", "reference", "--defect", "bogus"], "unknown defects"),
+    ],
+)
+def test_bad_argument_combinations_are_usage_errors(
+    argv: list[str], phrase: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert conf.run(_args(*argv)) == 2
+    cap = capsys.readouterr()
+    assert phrase in cap.err and cap.out == ""
+
+
+def test_pair_options_reach_the_model() -> None:
+    # MIN/MAX options are parsed into the pair the device expects (a 64 KiB minimum log
+    # page: the report check then negotiates 64 KiB and skips as too coarse).
+    target = conf.target_from_args(_args("--model", "reference:log_page_shift=16/21"))
+    (res,) = conf.run_suite(target, ["dma-logging-report"])
+    assert res.status == PASS and "at 0x10000" in res.reason
+
+
+def test_a_teardown_failure_keeps_the_setup_result() -> None:
+    class NoDestroy(_Host):
+        def ioctl(self, fd: int, request: int, arg: IoctlArg) -> int:
+            if request == u.IOMMU_DESTROY:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return super().ioctl(fd, request, arg)
+
+    target = conf.Target(
+        LinuxTransport(NoDestroy({"/dev/vfio/devices/vfio3"})), "/dev/vfio/devices/vfio3", None
+    )
+    res = conf.run_suite(target)
+    assert [(r.name, r.status) for r in res] == [("setup", FAIL), ("teardown", FAIL)]
+
+
+def test_an_internal_error_says_where_and_keeps_the_traceback_for_json(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(ctx: conf.Ctx) -> str:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner, "CHECKS", [("broken", "a check with a bug", broken)])
+    target = conf.target_from_args(_args("--model", "reference"))
+    (res,) = conf.run_suite(target)
+    assert res.status == FAIL and res.reason.startswith("internal error: RuntimeError: boom (at ")
+    assert "test_conformance.py:" in res.reason
+    text = conf.render([res], "x")
+    assert "Traceback" not in text and "boom" in text  # the table stays one line per check
+    doc = res.as_dict()
+    assert (
+        doc["traceback"][0].startswith("Traceback") and "RuntimeError: boom" in doc["traceback"][-1]
+    )
+    assert conf.run(_args("--model", "reference")) == 1
+    assert "Traceback" not in capsys.readouterr().out

@@ -284,3 +284,15 @@ def test_dirty_bitmap_is_vectorised_and_exact() -> None:
     # bits past the last page of the range are dropped
     words = np.full(2, np.uint64((1 << 64) - 1), dtype=np.uint64)
     assert DirtyBitmap.from_words(0, 70 * PAGE, PAGE, words).count() == 70
+
+
+def test_poll_a_data_fd(k: ModelKernel, t: ModelTransport) -> None:
+    # ModelKernel.poll takes (fd, events): the transport must not pass its timeout on.
+    import select
+
+    path = k.add_device("reference")
+    with Iommufd(t) as ictx, _bound(t, ictx, path) as dev:
+        with session(dev.set_state(S.PRE_COPY)) as f:
+            assert f.poll(timeout_ms=10) & select.POLLIN
+            assert t.poll(f.fd, select.POLLIN, 1000) == select.POLLIN
+        dev.set_state(S.RUNNING)

@@ -72,10 +72,23 @@ def test_iommu_without_dirty_tracking_is_reported() -> None:
 
 
 def test_probe_leaves_no_fds_and_state_untouched() -> None:
-    from vfiomig.host import ModelTransport
+    from vfiomig.host import Iommufd, MigrationState, ModelTransport, VfioDevice
 
     k, paths = probe.build_model([probe.parse_model_spec("reference")])
     probe.probe_host(ModelTransport(k), paths)
+    assert k.fdt.files == {}
+    # mtty keeps its migration state across close and open: leave it in STOP, probe, and
+    # the probe must see STOP and leave it there.
+    k, (path,) = probe.build_model([probe.parse_model_spec("mtty")])
+    t = ModelTransport(k)
+    with Iommufd(t) as ictx, VfioDevice(t, path) as dev:
+        dev.bind(ictx)
+        assert dev.set_state(MigrationState.STOP) is None
+    (entry,) = probe.probe_host(t, [path])["devices"]
+    assert entry["migration"]["state"] == "STOP"
+    with Iommufd(t) as ictx, VfioDevice(t, path) as dev:
+        dev.bind(ictx)
+        assert dev.get_state() == MigrationState.STOP
     assert k.fdt.files == {}
 
 
@@ -114,7 +127,9 @@ class BusyHost(Syscalls):
         self.fds: set[int] = set()
 
     def exists(self, path: str) -> bool:
-        return path in ("/dev/iommu", "/dev/vfio/devices")
+        return path in ("/dev/iommu", "/dev/vfio/devices") or path in {
+            f"/dev/vfio/devices/{n}" for n in self.listdir("/dev/vfio/devices")
+        }
 
     def listdir(self, path: str) -> list[str]:
         return ["vfio10", "vfio2"] if path == "/dev/vfio/devices" else []
@@ -164,3 +179,68 @@ def test_probe_this_host(capsys: pytest.CaptureFixture[str]) -> None:
 def test_emulated_device_has_no_iommu() -> None:
     r = _model_report("mtty")
     assert r["devices"][0]["iommu"] == {"type": "emulated", "dirty_tracking": False}
+
+
+@pytest.mark.parametrize(
+    ("device", "phrase"),
+    [("/dev/vfio/devices/vfio10", "in use"), ("/dev/vfio/devices/vfio7", "no such device node")],
+)
+def test_a_named_device_that_cannot_be_probed_is_a_failure(
+    device: str, phrase: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(probe, "LinuxTransport", lambda: LinuxTransport(BusyHost()))
+    assert probe.run(_args("--device", device)) == 1
+    assert phrase in capsys.readouterr().out
+    # listing every device: one held by a VM is reported, not a failure of the probe
+    assert probe.run(_args()) == 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "phrase"),
+    [
+        ("reference:bogus=1", "reference has no option 'bogus'"),
+        ("mtty:defects=lossy_resume", "mtty has no option 'defects'"),
+        ("reference:state_size=abc", "state_size=abc: expected an integer"),
+        ("reference:dma_logging=2", "dma_logging=2: expected 0 or 1"),
+        ("reference:log_page_shift=5", "log_page_shift=5: expected 2 integers like 12/21"),
+        ("hisi_acc:qp_num=x", "qp_num=x: expected an integer"),
+        ("bogus", "unknown device kind 'bogus'"),
+    ],
+)
+def test_bad_model_options_are_usage_errors(
+    spec: str, phrase: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert probe.run(_args("--model", spec)) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and "Traceback" not in err
+
+
+def test_model_option_types_follow_the_device() -> None:
+    opts = probe.check_model_options(
+        "reference", probe.parse_model_spec("reference:log_page_shift=13/20,iommu_dirty=0").options
+    )
+    assert opts == {"log_page_shift": (13, 20), "iommu_dirty": False}
+    k, (path,) = probe.build_model([probe.parse_model_spec("reference:log_page_shift=13/20")])
+    from vfiomig.host import ModelTransport
+
+    r = probe.probe_host(ModelTransport(k), [path])
+    assert r["devices"][0]["dma_logging"]["page_size"] == 1 << 13
+
+
+def test_a_bug_below_the_uapi_is_reported_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only OSError is a kernel's answer; anything else (a model bug) must not end the probe.
+    from vfiomig.host import ModelTransport
+
+    def broken(*args: Any) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(probe, "_probe_bound", broken)
+    k, paths = probe.build_model([probe.parse_model_spec("reference")])
+    (dev,) = probe.probe_host(ModelTransport(k), paths)["devices"]
+    assert dev["error"].startswith("internal error: RuntimeError: boom (at test_probe.py:")
+    assert k.fdt.files == {}  # the device and iommufd were closed on the way out
+    assert probe.run(_args("--model", "mtty")) == 1
+    out = capsys.readouterr().out
+    assert "internal error: RuntimeError: boom" in out and "Traceback" not in out

@@ -17,8 +17,10 @@ import numpy as np
 import numpy.typing as npt
 
 # Largest bitmap the library maps for one request (8 TiB of IOVA at 4 KiB; type1's own cap).
-# A larger request is passed to the kernel as asked (it may reject it: overflow tests) but
-# the bitmap behind it stops here.
+# type1 refuses anything larger itself (EINVAL). iommufd and device DMA logging have no such
+# cap: they would write the user bitmap past the buffer the library mapped, so a larger
+# request that the kernel would accept is refused here (ValueError, split the range), and
+# only one the kernel rejects before touching the bitmap (iova + length wraps) goes through.
 MAX_BITMAP_BYTES = 256 << 20
 
 
@@ -28,6 +30,19 @@ def bitmap_bytes(length: int, page_size: int) -> int:
         raise ValueError(f"page_size must be positive, got {page_size}")
     pages = -(-length // page_size)
     return max(1, -(-pages // 64)) * 8
+
+
+def check_bitmap_size(nbytes: int, length: int, page_size: int, *, rejected: bool) -> None:
+    """ValueError when the kernel would write more than MAX_BITMAP_BYTES of bitmap.
+
+    ``rejected``: the kernel refuses the request before it touches the bitmap (its end is
+    past 2^64, a page size it does not take); such a request is passed through so that its
+    rejection can be tested."""
+    if nbytes > MAX_BITMAP_BYTES and not rejected:
+        raise ValueError(
+            f"a dirty bitmap for {length:#x} bytes at {page_size:#x} is {nbytes} bytes, more "
+            f"than the {MAX_BITMAP_BYTES} the library maps for one request; ask in parts"
+        )
 
 
 @dataclass(frozen=True)

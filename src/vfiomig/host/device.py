@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from errno import EINVAL, ENOTTY
 from typing import Any
 
-from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes
+from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes, check_bitmap_size
 from vfiomig.host.errors import (
     DeviceError,
     DmaLoggingError,
@@ -36,7 +36,7 @@ from vfiomig.host.errors import (
     VfioError,
     call,
 )
-from vfiomig.host.iommufd import Hwpt, Ioas, Iommufd
+from vfiomig.host.iommufd import U64_MAX, Hwpt, Ioas, Iommufd
 from vfiomig.host.memory import Scratch
 from vfiomig.host.migration import MigrationFile
 from vfiomig.host.resource import Resource
@@ -335,6 +335,10 @@ class VfioDevice(Resource):
     def dma_logging_report(self, iova: int, length: int, page_size: int = 4096) -> DirtyBitmap:
         """Read-and-clear the device's dirty log for ``[iova, iova+length)``."""
         nbytes = bitmap_bytes(length, page_size) if page_size > 0 else 8
+        # vfio_ioctl_device_feature_logging_report: EINVAL for a page size under 4 KiB or not
+        # a power of two, EOVERFLOW when iova + length passes 2^64 - 1, both before the bitmap
+        rejected = page_size < 4096 or page_size & (page_size - 1) or iova + length > U64_MAX
+        check_bitmap_size(nbytes, length, page_size, rejected=bool(rejected))
         mem = self.scratch.get("log_bitmap", min(nbytes, MAX_BITMAP_BYTES))
         rep = v.vfio_device_feature_dma_logging_report(
             iova=iova, length=length, page_size=page_size, bitmap=mem.addr

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from errno import EMSGSIZE
 from typing import Any
 
-from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes
+from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes, check_bitmap_size
 from vfiomig.host.errors import HwptError, IoasError, IommufdError, OpenError, VfioError, call
 from vfiomig.host.memory import Scratch, UserBuffer
 from vfiomig.host.resource import Resource
@@ -328,6 +328,8 @@ class Hwpt(_Object):
         """IOMMU_HWPT_GET_DIRTY_BITMAP of ``[iova, iova+length)`` (read-and-clear unless
         ``no_clear``). The kernel swallows walk errors: unmapped holes report clean."""
         nbytes = bitmap_bytes(length, page_size)
+        # iommufd_check_iova_range: EOVERFLOW when iova + length - 1 passes 2^64 - 1
+        check_bitmap_size(nbytes, length, page_size, rejected=iova + length - 1 > U64_MAX)
         buf = self.ictx.scratch.get("dirty_bitmap", min(nbytes, MAX_BITMAP_BYTES))
         flags = u.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR if no_clear else 0
         cmd = _struct(

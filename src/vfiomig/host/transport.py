@@ -232,10 +232,11 @@ class ModelTransport:
         return int(self.kernel.lseek(fd, offset, whence))
 
     def poll(self, fd: int, events: int = POLLIN, timeout_ms: int = 0) -> int:
+        # The model never blocks (a read or write answers at once: data, 0 or an errno), so
+        # there is nothing to wait for: ModelKernel.poll(fd, events) takes no timeout.
         poll = getattr(self.kernel, "poll", None)
         if poll is not None:
-            return int(poll(fd, events, timeout_ms))
-        # The model never blocks: a read or write answers at once (data, 0, or an errno).
+            return int(poll(fd, events))
         return events
 
     def mmap(self, length: int, *, backed: bool = True) -> UserBuffer:

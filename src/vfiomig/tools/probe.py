@@ -13,14 +13,18 @@ iommufd (/dev/iommu, VFIO cdevs) or only the legacy type1 container.
 Probing opens each device and binds it to a fresh iommufd; to learn the DMA-logging page size
 it attaches the device to an empty IOAS and starts and stops logging. It never changes the
 migration state. A device another process holds (a running VM) answers EBUSY and is listed
-as such.
+as such. The exit status is 1 when a device named with ``--device`` cannot be probed, 2 for
+a usage error (a bad ``--model`` spec names the option at fault).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from errno import EACCES, EBUSY, ENOENT, ENOTTY, EPERM
@@ -112,7 +116,7 @@ def parse_model_spec(spec: str) -> ModelSpec:
         if not eq or not key:
             raise ValueError(f"model option {item!r} is not key=value")
         options[key] = _parse_value(key, raw)
-    if "dma_logging" in options and isinstance(options["dma_logging"], int):
+    if options.get("dma_logging") in (0, 1):
         options["dma_logging"] = bool(options["dma_logging"])
     return ModelSpec(kind, options)
 
@@ -124,12 +128,69 @@ def model_spec_arg(spec: str) -> ModelSpec:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def check_model_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options of a ``--model`` spec checked against the device's keyword parameters,
+    converted to the types of their defaults (``0``/``1`` for a bool, ``MIN/MAX`` for a pair).
+
+    ValueError naming the option otherwise, so that a typo is a usage error rather than a
+    Python exception from inside the model (the model checks values, not types).
+    """
+    import vfiomig.kernel  # noqa: F401  (registers the device kinds)
+    from vfiomig.kernel.machine import DRIVERS
+
+    ctor = DRIVERS.get(kind)
+    if ctor is None:
+        raise ValueError(f"unknown device kind {kind!r} (known: {', '.join(sorted(DRIVERS))})")
+    params = {
+        name: p.default
+        for name, p in inspect.signature(ctor).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    out: dict[str, Any] = {}
+    for key, val in options.items():
+        if key not in params:
+            known = ", ".join(params) or "none"
+            raise ValueError(f"{kind} has no option {key!r} (its options: {known})")
+        out[key] = _option_value(kind, key, val, params[key])
+    return out
+
+
+def _option_value(kind: str, key: str, val: Any, default: Any) -> Any:
+    bad = f"{kind} option {key}={_fmt_opt(val)}"
+    if isinstance(default, bool):
+        if isinstance(val, bool):
+            return val
+        if isinstance(val, int) and val in (0, 1):
+            return bool(val)
+        raise ValueError(f"{bad}: expected 0 or 1")
+    if isinstance(default, int):
+        if isinstance(val, int) and not isinstance(val, bool):
+            return val
+        raise ValueError(f"{bad}: expected an integer")
+    if isinstance(default, tuple):
+        parts = str(val).split("/") if not isinstance(val, tuple) else list(val)
+        try:
+            pair = tuple(p if isinstance(p, int) else int(str(p), 0) for p in parts)
+        except ValueError:
+            pair = ()
+        if len(pair) != len(default):
+            shown = "/".join(str(x) for x in default)
+            raise ValueError(f"{bad}: expected {len(default)} integers like {shown}")
+        return pair
+    if isinstance(default, frozenset | set):
+        return frozenset(val) if isinstance(val, frozenset | set) else frozenset({str(val)})
+    return val  # no typed default (None): the device checks it
+
+
 def build_model(specs: Sequence[ModelSpec], iommu: str = "smmuv3") -> tuple[Any, list[str]]:
-    """A ModelKernel with one device per spec; returns (kernel, cdev paths)."""
+    """A ModelKernel with one device per spec; returns (kernel, cdev paths).
+
+    ValueError (a usage error) for an unknown kind, an unknown option or a bad value."""
     from vfiomig.kernel import ModelKernel
 
+    checked = [check_model_options(s.kind, s.options) for s in specs]
     k = ModelKernel(iommu=iommu)
-    return k, [k.add_device(s.kind, **s.options) for s in specs]
+    return k, [k.add_device(s.kind, **opts) for s, opts in zip(specs, checked, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -276,8 +337,14 @@ def probe_host(
         host["access"] = "none"
     entries = []
     for path in devices:
-        if host["iommufd"]:
-            entry = probe_device(t, path, iommufd_path)
+        entry: dict[str, Any]
+        if not t.exists(path):
+            entry = {"path": path, "error": "no such device node"}
+        elif host["iommufd"]:
+            try:
+                entry = probe_device(t, path, iommufd_path)
+            except Exception as e:  # not the kernel's answer (an OSError) but a bug below
+                entry = {"path": path, "error": _internal(e), "internal_error": True}
         else:
             entry = {
                 "path": path,
@@ -288,6 +355,12 @@ def probe_host(
         entries.append(entry)
     host["devices"] = entries
     return host
+
+
+def _internal(e: Exception) -> str:
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+    return f"internal error: {type(e).__name__}: {e}{where}"
 
 
 def _probe_type1(t: Transport) -> dict[str, Any]:
@@ -433,7 +506,12 @@ def run(args: argparse.Namespace) -> int:
         linux = LinuxTransport()
         if devices or linux_has_vfio(linux):
             report = probe_host(linux, devices or None, args.iommufd)
-            return _emit(report, args.json)
+            code = _emit(report, args.json)
+            # A device asked for by name that could not be probed is a failure; one found
+            # by listing (a VM's device answers EBUSY) is only reported.
+            if devices and any("error" in d for d in report["devices"]):
+                return 1
+            return code
         note = (
             f"No VFIO on this host ({VFIO_DEVICES_DIR}, {IOMMUFD_PATH} and "
             f"{VFIO_CONTAINER_PATH} are absent); showing the model kernel's devices."
@@ -449,7 +527,8 @@ def run(args: argparse.Namespace) -> int:
     report["iommu_model"] = args.iommu
     if note:
         report["note"] = note
-    return _emit(report, args.json)
+    code = _emit(report, args.json)
+    return 1 if any(d.get("internal_error") for d in report["devices"]) else code
 
 
 def _emit(report: dict[str, Any], as_json: bool) -> int:

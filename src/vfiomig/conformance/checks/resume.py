@@ -1,0 +1,184 @@
+"""Resuming: the round trip, bad streams refused, recovery through reset and from ERROR."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from errno import EINVAL, ENODEV
+from functools import partial
+
+from vfiomig.conformance.core import (
+    CheckSpec,
+    Ctx,
+    Fail,
+    S,
+    Skip,
+    checker,
+    expect_errno,
+    probe_errno,
+)
+from vfiomig.conformance.stream import corrupted, first_difference, truncated
+from vfiomig.host import VfioDevice, VfioError
+from vfiomig.host.device import state_name
+from vfiomig.host.errors import MigrationStateError, errno_name
+
+CHECKS: list[CheckSpec] = []
+check = checker(CHECKS)
+
+
+@check(
+    "save-resume-roundtrip",
+    "save -> resume on the second device -> save again gives the same bytes",
+)
+def c_roundtrip(ctx: Ctx) -> str:
+    b = ctx.need_b()
+    s1 = ctx.save(ctx.a)
+    ctx.settle()
+    r = ctx.enter(b, S.RESUMING)
+    if r is None:
+        raise Fail("RUNNING -> RESUMING returned no data fd")
+    try:
+        for chunk in s1.chunks():
+            r.write_all(chunk)
+    except VfioError as e:
+        raise Fail(f"the second device refused the first one's stream: {e}") from e
+    try:
+        ctx.set(b, S.STOP)
+    except VfioError as e:
+        raise Fail(f"RESUMING -> STOP after a complete stream failed: {e}") from e
+    ctx.settle()
+    s2 = ctx.save(b)
+    if s1 != s2:
+        where = f"; first difference at byte {first_difference(s1, s2)}"
+        raise Fail(
+            f"lossy resume: the resumed device saves different bytes ({s1.length} bytes "
+            f"saved, {s2.length} after resume{where})"
+        )
+    return f"{s1.length} bytes, identical after resume (sha256 {s1.digest[:12]})"
+
+
+@check(
+    "resume-rejects-bad-streams",
+    "truncated / corrupted / mismatched resume streams are refused (write error or EINVAL on RESUMING -> STOP)",
+)
+def c_bad_streams(ctx: Ctx) -> str:
+    dev = ctx.b or ctx.a
+    good = ctx.saved_stream()
+    cases: list[tuple[str, Callable[[], Iterator[bytes]]]] = [
+        ("truncated", partial(truncated, good)),
+        ("corrupted", partial(corrupted, good)),
+    ]
+    skipped: list[str] = []
+    other = ctx.target.model.mismatched_device() if ctx.target.model else None
+    if other is not None:
+        with VfioDevice(ctx.t, other) as odev:
+            odev.bind(ctx.ictx)
+            mism = ctx.save(odev)
+            try:
+                odev.set_state(S.RUNNING)
+            except VfioError:
+                pass
+            ctx.close_files()
+        cases.append(("mismatched", mism.chunks))
+    else:
+        skipped.append("mismatched (needs a differently configured device of the same kind)")
+    verdicts: list[str] = []
+    for name, stream in cases:
+        ctx.settle()
+        before = ctx.loaded.get(dev.path, 0)
+        r = ctx.enter(dev, S.RESUMING)
+        if r is None:
+            raise Fail("RUNNING -> RESUMING returned no data fd")
+        write_err = 0
+        size = 0
+        try:
+            for chunk in stream():
+                size += len(chunk)
+                r.write_all(chunk)
+        except VfioError as e:
+            write_err = e.errno or -1
+        code = probe_errno(lambda: ctx.set(dev, S.STOP))
+        if code == 0 and write_err == 0:
+            hint = (
+                f"; the device had loaded {before} stream(s) since it was opened" if before else ""
+            )
+            raise Fail(
+                f"accepted a {name} resume stream ({size} bytes): RESUMING -> STOP succeeded{hint}"
+            )
+        if code == 0:
+            verdicts.append(f"{name}: write {errno_name(write_err)}")
+            continue
+        got = ctx.state(dev)
+        if got not in (S.RESUMING, S.ERROR):
+            raise Fail(f"after refusing a {name} stream the device is in {state_name(got)}")
+        how = f"write {errno_name(write_err)}, " if write_err else ""
+        verdicts.append(f"{name}: {how}STOP {errno_name(code)}")
+    tail = f"; skipped {', '.join(skipped)}" if skipped else ""
+    return "; ".join(verdicts) + tail
+
+
+@check(
+    "reset-recovery", "VFIO_DEVICE_RESET from saving / resuming states: RUNNING, data fds ENODEV"
+)
+def c_reset(ctx: Ctx) -> str:
+    advertised = ctx.a.info().can_reset
+    done = []
+    for st in (S.STOP_COPY, S.RESUMING):
+        ctx.settle()
+        f = ctx.enter(ctx.a, st)
+        code = probe_errno(ctx.a.reset)
+        if code:
+            if advertised:
+                raise Fail(f"VFIO_DEVICE_RESET in {state_name(st)} failed with {errno_name(code)}")
+            raise Skip(
+                f"no VFIO_DEVICE_FLAGS_RESET and VFIO_DEVICE_RESET answers {errno_name(code)}"
+            )
+        got = ctx.state(ctx.a)
+        if got != S.RUNNING:
+            raise Fail(
+                f"after reset in {state_name(st)} the device is {state_name(got)}, not RUNNING"
+            )
+        if f is not None:
+            op = partial(f.read, 1) if f.saving else partial(f.write, b"\0")
+            code = probe_errno(op)
+            if code != ENODEV:
+                shown = errno_name(code) if code else "success"
+                raise Fail(f"after reset the {state_name(st)} data fd answers {shown}, not ENODEV")
+        done.append(state_name(st))
+    note = "" if advertised else " (VFIO_DEVICE_FLAGS_RESET not advertised, the ioctl works)"
+    return f"reset from {', '.join(done)}: RUNNING, fds ENODEV{note}"
+
+
+@check(
+    "error-recovery",
+    "a device in ERROR refuses every SET but a no-op, and reset brings it back to RUNNING",
+)
+def c_error(ctx: Ctx) -> str:
+    path = ctx.target.model.error_device() if ctx.target.model else None
+    if path is None:
+        raise Skip("needs fault injection to reach ERROR (the model's reference device)")
+    with VfioDevice(ctx.t, path) as dev:
+        dev.bind(ctx.ictx)
+        dev.set_state(S.STOP)
+        try:
+            f = dev.set_state(S.STOP_COPY)
+        except MigrationStateError as e:
+            code = e.errno
+        else:
+            if f is not None:
+                f.close()
+            raise Skip("the injected fault did not fire")
+        if int(dev.get_state()) != S.ERROR:
+            raise Skip(f"the injected fault left the device in {state_name(int(dev.get_state()))}")
+        for target in (S.RUNNING, S.STOP):
+            expect_errno(
+                partial(dev.set_state, target), EINVAL, f"SET ERROR -> {state_name(target)}"
+            )
+            if int(dev.get_state()) != S.ERROR:
+                raise Fail("a refused SET moved the device out of ERROR")
+        dev.reset()
+        got = int(dev.get_state())
+        if got != S.RUNNING:
+            raise Fail(f"after reset in ERROR the device is {state_name(got)}, not RUNNING")
+        dev.set_state(S.STOP)
+        dev.set_state(S.RUNNING)
+    return f"arc failed with {errno_name(code or 0)} into ERROR; SETs EINVAL; reset -> RUNNING"

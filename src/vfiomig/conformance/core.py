@@ -1,0 +1,371 @@
+"""What every check shares: verdicts (Fail / Skip / CheckResult), the target, the model's
+hooks, and the run context `Ctx` with its state helpers."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import traceback
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from errno import ENOMSG, ENOTTY
+from typing import Any
+
+from vfiomig.conformance.stream import READ_CHUNK, Stream
+from vfiomig.host import (
+    Iommufd,
+    MigrationFile,
+    MigrationFlags,
+    MigrationState,
+    Transport,
+    VfioDevice,
+    VfioError,
+)
+from vfiomig.host.device import state_name
+from vfiomig.host.errors import errno_name
+from vfiomig.host.iommufd import Ioas
+from vfiomig.host.transport import IOMMUFD_PATH
+
+S = MigrationState
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+
+
+class Fail(Exception):
+    """The device departs from the uAPI; the message says how."""
+
+
+class Skip(Exception):
+    """The check cannot run here; the message says why."""
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str
+    reason: str
+    details: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    # An internal error's traceback: in --json output (for a bug report), not in the table.
+    traceback: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {
+            "check": self.name,
+            "status": self.status,
+            "reason": self.reason,
+            "details": self.details,
+            "seconds": round(self.seconds, 4),
+        }
+        if self.traceback:
+            out["traceback"] = self.traceback
+        return out
+
+
+def internal_error(name: str, e: Exception, what: str = "internal error") -> CheckResult:
+    """A failure for an exception that is neither the kernel's answer nor a verdict: a bug in
+    the suite or the kernel. The reason says where it was raised."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+    return CheckResult(
+        name,
+        FAIL,
+        f"{what}: {type(e).__name__}: {e}{where}",
+        traceback="".join(traceback.format_exception(e)).splitlines(),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# targets
+
+
+class ModelHooks:
+    """What only the model can do for the suite: make the device DMA, inject faults.
+
+    This is the suite's one look below the uAPI (ModelKernel.device / add_device); on a real
+    host there is none and the checks that need it skip.
+    """
+
+    def __init__(self, kernel: Any, kind: str, options: dict[str, Any]) -> None:
+        self.kernel = kernel
+        self.kind = kind
+        self.options = dict(options)
+
+    def dma_write(self, path: str, iova: int, data: bytes) -> None:
+        self.kernel.device(path).dma_write(iova, data)
+
+    def error_device(self) -> str | None:
+        """A device of the same kind whose STOP -> STOP_COPY arc drops it into ERROR."""
+        if self.kind != "reference":
+            return None
+        opts = dict(self.options, fail_arc=("STOP", "STOP_COPY", "error"))
+        return str(self.kernel.add_device(self.kind, **opts))
+
+    def mismatched_device(self) -> str | None:
+        """A device of the same kind whose saved state the suite's devices must refuse."""
+        o = self.options
+        change: dict[str, Any]
+        if self.kind == "reference":  # another state size: the DEV record differs
+            size = int(o.get("state_size", 256 * 1024))
+            change = {"state_size": size + int(o.get("chunk_size", 64 * 1024))}
+        elif self.kind == "mtty":  # another port count in the header
+            change = {"nr_ports": 1 if int(o.get("nr_ports", 2)) == 2 else 2}
+        elif self.kind == "hisi_acc":  # another VF queue count in the match data
+            change = {"qp_num": int(o.get("qp_num", 2)) + 1}
+        else:
+            return None
+        return str(self.kernel.add_device(self.kind, **dict(o, **change)))
+
+
+@dataclass
+class Target:
+    transport: Transport
+    primary: str
+    secondary: str | None
+    iommufd_path: str = IOMMUFD_PATH
+    label: str = ""
+    model: ModelHooks | None = None
+    host_page_size: int = mmap.PAGESIZE
+    # Whether the blocked STOP_COPY -> PRE_COPY(_P2P) arcs may be tried: a kernel before 7.2
+    # without the stable fix spins forever on them (soft lockup) instead of EINVAL.
+    blocked_arcs_safe: bool = True
+
+
+def kernel_release_at_least(release: str, major: int, minor: int) -> bool:
+    """``"7.2.0-rc1-foo"`` >= (7, 2)? Unparsable releases count as older."""
+    parts = release.split("-", 1)[0].split(".")
+    try:
+        have = (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        return False
+    return have >= (major, minor)
+
+
+# ------------------------------------------------------------------------------------------
+# the run context
+
+
+class Ctx:
+    """Open devices and helpers shared by the checks."""
+
+    def __init__(self, target: Target, stack: ExitStack) -> None:
+        self.target = target
+        self.t = target.transport
+        self.stack = stack
+        self.ictx = stack.enter_context(Iommufd(self.t, target.iommufd_path))
+        self.ioas: Ioas = stack.enter_context(self.ictx.ioas_alloc())
+        self.attach_error: str | None = None
+        self.a = self.open_device(target.primary)
+        self.b = self.open_device(target.secondary) if target.secondary else None
+        self.files: list[MigrationFile] = []
+        # per device: the state last set or seen, and how many resumes completed
+        self.last: dict[str, int] = {}
+        self.loaded: dict[str, int] = {}
+        self._flags: int | None = None
+        self._stream: Stream | None = None
+        # The state each device was in right after it was opened (before any check).
+        self.initial_state: dict[str, int | str] = {}
+        for d in self.devices:
+            try:
+                self.initial_state[d.path] = int(d.get_state())
+            except VfioError as e:
+                self.initial_state[d.path] = str(e)
+
+    @property
+    def devices(self) -> list[VfioDevice]:
+        return [self.a] + ([self.b] if self.b is not None else [])
+
+    def open_device(self, path: str) -> VfioDevice:
+        dev = self.stack.enter_context(VfioDevice(self.t, path))
+        dev.bind(self.ictx)
+        try:
+            dev.attach(self.ioas)
+        except VfioError as e:
+            self.attach_error = str(e)
+        return dev
+
+    @property
+    def flags(self) -> int:
+        if self._flags is None:
+            try:
+                self._flags = int(self.a.migration_flags())
+            except VfioError as e:
+                if e.errno == ENOTTY:
+                    raise Skip(f"the device does not support migration ({e})") from e
+                raise Fail(f"the device does not report migration flags ({e})") from e
+        return self._flags
+
+    def need(self, flag: MigrationFlags, what: str) -> None:
+        if not self.flags & flag:
+            raise Skip(f"the device does not advertise {flag.name} ({what})")
+
+    def need_b(self) -> VfioDevice:
+        if self.b is None:
+            raise Skip("needs a second device of the same kind (--device2, or a model)")
+        return self.b
+
+    # -- state helpers ------------------------------------------------------------------
+
+    def keep(self, f: MigrationFile | None) -> MigrationFile | None:
+        if f is not None:
+            self.files.append(f)
+        return f
+
+    def set(self, dev: VfioDevice, state: int) -> MigrationFile | None:
+        was = self.last.get(dev.path)
+        f = self.keep(dev.set_state(state))
+        if was == S.RESUMING and state != S.RESUMING:
+            self.loaded[dev.path] = self.loaded.get(dev.path, 0) + 1
+        self.last[dev.path] = state
+        return f
+
+    def state(self, dev: VfioDevice) -> int:
+        st = int(dev.get_state())
+        self.last[dev.path] = st
+        return st
+
+    def close_files(self) -> None:
+        for f in self.files:
+            try:
+                f.close()
+            except VfioError:
+                pass
+        self.files.clear()
+
+    def migratable(self) -> bool:
+        try:
+            return bool(self.flags)
+        except (Fail, Skip):
+            return False
+
+    def settle(self) -> None:
+        """Close every data fd and bring each device back to RUNNING (reset if needed);
+        a device without migration has no state to settle."""
+        self.close_files()
+        if not self.migratable():
+            return
+        for dev in self.devices:
+            try:
+                if self.state(dev) == S.RUNNING:
+                    continue
+                self.set(dev, S.RUNNING)
+            except VfioError:
+                try:
+                    dev.reset()
+                except VfioError as e:
+                    raise Fail(f"setup: cannot bring {dev.path} back to RUNNING: {e}") from e
+            self.close_files()
+            st = self.state(dev)
+            if st != S.RUNNING:
+                raise Fail(f"setup: {dev.path} is in {state_name(st)} after SET RUNNING / reset")
+
+    def enter(
+        self, dev: VfioDevice, state: int, stream: Stream | None = None
+    ) -> MigrationFile | None:
+        """From RUNNING, SET ``state`` (for RESUMING also write ``stream``); check GET."""
+        try:
+            f = self.set(dev, state)
+        except VfioError as e:
+            raise Fail(f"cannot reach {state_name(state)} from RUNNING: {e}") from e
+        got = self.state(dev)
+        if got != state:
+            raise Fail(f"SET {state_name(state)} succeeded but GET reports {state_name(got)}")
+        if stream is not None and f is not None:
+            for chunk in stream.chunks():
+                f.write_all(chunk)
+        return f
+
+    def save(self, dev: VfioDevice, via_precopy: bool = False) -> Stream:
+        """From RUNNING: the whole stream of a STOP_COPY save (STOP -> STOP_COPY), back to
+        STOP; with ``via_precopy``, PRE_COPY data first, then STOP_COPY on the same fd."""
+        out = self.stream()
+        if via_precopy:
+            f = self.enter(dev, S.PRE_COPY)
+            if f is None:
+                raise Fail("RUNNING -> PRE_COPY returned no data fd")
+            for c in f.chunks(READ_CHUNK):
+                out.add(c)
+            if self.set(dev, S.STOP_COPY) is not None:
+                raise Fail("data fd on the wrong arc: PRE_COPY -> STOP_COPY returned a new data fd")
+        else:
+            self.enter(dev, S.STOP)
+            f = self.set(dev, S.STOP_COPY)
+            if f is None:
+                raise Fail("STOP -> STOP_COPY returned no data fd")
+        read_to_eof(f, out.add)
+        f.close()
+        self.keep(self.set(dev, S.STOP))
+        return out
+
+    def stream(self) -> Stream:
+        """A new, empty Stream closed with the run."""
+        st = Stream()
+        self.stack.callback(st.close)
+        return st
+
+    def saved_stream(self) -> Stream:
+        """A STOP_COPY stream of device A (saved once), to feed RESUMING."""
+        if self._stream is None:
+            self.settle()
+            self._stream = self.save(self.a)
+            self.settle()
+        return self._stream
+
+
+def read_to_eof(f: MigrationFile, take: Callable[[bytes], None]) -> None:
+    """Read a STOP_COPY stream to its permanent end; ENOMSG there is a uAPI violation."""
+    while True:
+        try:
+            chunk = f.read(READ_CHUNK)
+        except VfioError as e:
+            if e.errno == ENOMSG:
+                raise Fail("read returned ENOMSG in STOP_COPY (only PRE_COPY may)") from e
+            raise
+        if not chunk:
+            return
+        take(chunk)
+
+
+def expect_errno(fn: Callable[[], Any], code: int, what: str) -> None:
+    """``fn`` must fail with ``code``."""
+    try:
+        r = fn()
+    except OSError as e:
+        if e.errno != code:
+            raise Fail(
+                f"{what}: expected {errno_name(code)}, got {errno_name(e.errno or 0)}"
+            ) from e
+        return
+    if isinstance(r, MigrationFile):
+        r.close()
+    raise Fail(f"{what}: expected {errno_name(code)}, but it succeeded")
+
+
+def probe_errno(fn: Callable[[], Any]) -> int:
+    """0 if ``fn`` succeeds, else its errno."""
+    try:
+        fn()
+    except OSError as e:
+        return e.errno or -1
+    return 0
+
+
+Check = Callable[[Ctx], str]
+CheckSpec = tuple[str, str, Check]
+
+
+def checker(into: list[CheckSpec]) -> Callable[[str, str], Callable[[Check], Check]]:
+    """``check = checker(CHECKS)``: a decorator that appends ``(name, doc, fn)`` to ``into``."""
+
+    def check(name: str, doc: str) -> Callable[[Check], Check]:
+        def deco(fn: Check) -> Check:
+            into.append((name, doc, fn))
+            return fn
+
+        return deco
+
+    return check
+
+
+def flag_names(flags: int) -> list[str]:
+    return [f.name for f in MigrationFlags if f & flags and f.name is not None]

@@ -1,0 +1,118 @@
+"""Running the checks against a target, one result each, and the table they print as."""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from errno import EACCES, EBUSY, ENOENT, EPERM
+
+from vfiomig.conformance.checks import CHECKS
+from vfiomig.conformance.core import (
+    FAIL,
+    PASS,
+    SKIP,
+    Check,
+    CheckResult,
+    Ctx,
+    Fail,
+    Skip,
+    Target,
+    internal_error,
+)
+from vfiomig.host import VfioError
+from vfiomig.host.errors import OpenError
+
+CHECK_NAMES = [name for name, _, _ in CHECKS]
+# Checks that apply to a device without migration; every other one skips on such a device.
+WITHOUT_MIGRATION = frozenset({"migration-flags", "dma-logging-validation", "dma-logging-report"})
+
+
+# ------------------------------------------------------------------------------------------
+# running
+
+
+def run_suite(target: Target, only: list[str] | None = None) -> list[CheckResult]:
+    """Run the checks (all, or those named) against the target; one result each (plus a
+    "teardown" failure if closing the devices, IOAS or iommufd fails). When the devices
+    cannot be opened nothing runs: the one result is a "setup" failure that says why."""
+    selected = [c for c in CHECKS if only is None or c[0] in only]
+    results: list[CheckResult] = []
+    try:
+        with ExitStack() as stack:
+            ctx = _setup(target, stack, results)
+            if ctx is not None:
+                for name, _doc, fn in selected:
+                    results.append(_run_one(ctx, name, fn))
+                try:
+                    ctx.settle()
+                except (Fail, VfioError):
+                    pass
+    except Exception as e:
+        results.append(CheckResult("teardown", FAIL, f"closing the test objects failed: {e}"))
+    return results
+
+
+def _setup(target: Target, stack: ExitStack, results: list[CheckResult]) -> Ctx | None:
+    """The run context, or None with a "setup" failure appended to ``results``."""
+    try:
+        return Ctx(target, stack)
+    except VfioError as e:
+        why = f"cannot open the device: {e}{_hint(e, target)}"
+        results.append(CheckResult("setup", FAIL, why))
+    except Exception as e:  # a kernel that raises something other than OSError
+        results.append(internal_error("setup", e, "setup failed: internal error"))
+    return None
+
+
+def _hint(e: VfioError, target: Target) -> str:
+    """What to do about a device or iommufd that cannot be opened or bound."""
+    if isinstance(e, OpenError) and e.errno == ENOENT:
+        if e.op == f"open({target.iommufd_path})":
+            return " (this host has no iommufd; docs/real-hardware.md says what it needs)"
+        return " (no such device node)"
+    if e.errno in (EACCES, EPERM):
+        return " (run as root or give your user access: docs/real-hardware.md)"
+    if e.errno == EBUSY:
+        return " (in use: a VM or another process has it open)"
+    return ""
+
+
+def _run_one(ctx: Ctx, name: str, fn: Check) -> CheckResult:
+    t0 = time.perf_counter()
+    try:
+        if name not in WITHOUT_MIGRATION:
+            _ = ctx.flags  # Skip (with the reason) on a device that cannot migrate
+        ctx.settle()
+        reason = fn(ctx)
+        res = CheckResult(name, PASS, reason)
+    except Fail as e:
+        res = CheckResult(
+            name, FAIL, str(e.args[0]) if e.args else "failed", [str(a) for a in e.args[1:]]
+        )
+    except Skip as e:
+        res = CheckResult(name, SKIP, str(e))
+    except VfioError as e:
+        res = CheckResult(name, FAIL, f"unexpected error: {e}")
+    except Exception as e:  # a bug in the suite or the kernel: report, keep going
+        res = internal_error(name, e)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def summary(results: list[CheckResult]) -> dict[str, int]:
+    out = {PASS: 0, FAIL: 0, SKIP: 0}
+    for r in results:
+        out[r.status] += 1
+    return out
+
+
+def render(results: list[CheckResult], label: str) -> str:
+    lines = [f"conformance: {label}"]
+    width = max((len(r.name) for r in results), default=10)
+    for r in results:
+        lines.append(f"{r.status.upper():4}  {r.name:<{width}}  {r.reason}")
+        for d in r.details[:10]:
+            lines.append(f"{'':4}  {'':<{width}}    {d}")
+    s = summary(results)
+    lines.append(f"{len(results)} checks: {s[PASS]} pass, {s[FAIL]} fail, {s[SKIP]} skip")
+    return "\n".join(lines)
