@@ -591,3 +591,35 @@ def test_sq_cq_positions_resume_through_guest_memory(k: ModelKernel) -> None:
         assert bytes(ctx.sqc) == bytes(src.hw.cache[qp].sqc)
         assert bytes(ctx.cqc) == bytes(src.hw.cache[qp].cqc)
     assert q.guest_sq_submit(dst.hw, 0, 1) == 6  # and the guest carries on
+
+
+def test_queue_tables_in_unbacked_memory_fail_the_stop_arc_not_the_caller() -> None:
+    """A QM whose context tables lie in memory without bytes (a simulated huge guest) cannot
+    write its cache back: the model treats that as the bus error it would be (RAS), so the
+    STOP arc fails with an errno instead of a Python exception escaping the ioctl."""
+    k = ModelKernel()
+    d = Dev(k)
+    addr, _ = k.mmap(1 << 30, backed=False)
+    a = iu.iommu_ioas_alloc(size=ctypes.sizeof(iu.iommu_ioas_alloc))
+    k.ioctl(d.ictx, iu.IOMMU_IOAS_ALLOC, a)
+    base = 1 << 32
+    m = iu.iommu_ioas_map(
+        size=ctypes.sizeof(iu.iommu_ioas_map),
+        flags=7,
+        ioas_id=a.out_ioas_id,
+        user_va=addr,
+        length=1 << 30,
+        iova=base,
+    )
+    k.ioctl(d.ictx, iu.IOMMU_IOAS_MAP, m)
+    at = v.vfio_device_attach_iommufd_pt(
+        argsz=ctypes.sizeof(v.vfio_device_attach_iommufd_pt), pt_id=a.out_ioas_id
+    )
+    k.ioctl(d.fd, v.VFIO_DEVICE_ATTACH_IOMMUFD_PT, at)
+    q.guest_qm_start(
+        d.hw, eqe_dma=base, aeqe_dma=base + 4096, sqc_dma=base + 8192, cqc_dma=base + 12288
+    )
+    q.guest_qp_start(d.hw, 0, sqe_dma=base + 16384, cqe_dma=base + 20480)
+    with pytest.raises(OSError):
+        set_state(k, d.fd, STOP)
+    assert get_state(k, d.fd) == v.VFIO_DEVICE_STATE_RUNNING  # the failed arc left it running

@@ -29,7 +29,6 @@ from test_iommufd_util import (
     NO_CLEAR,
     Dev,
     Iommufd,
-    OrIntoDomain,
     bits,
     errno_of,
 )
@@ -377,14 +376,11 @@ def test_unbacked_bitmap_memory_is_unpinnable() -> None:
     assert _read(f, hwpt, BASE, 64 * K4, K4) == []
 
 
-@pytest.mark.parametrize("or_into", [False, True], ids=["hw-bits", "hw-or-into-user"])
-def test_huge_leaf_reported_whole_and_cursor_semantics(or_into: bool) -> None:
+def test_huge_leaf_reported_whole_and_cursor_semantics() -> None:
     """§11: a dirty leaf is recorded as (walk cursor, leaf size): a request starting inside
     a 2 MiB leaf marks [cursor, cursor + 2 MiB), beyond the leaf's end, and a leaf running
     past the request's end sets bits past ceil(length/page_size), within the pinned pages."""
     f, d, _ioas, hwpt, _bm = _setup(8 * M2, huge=True, vendor="vtd")
-    if or_into:
-        d.hw.domain.__class__ = OrIntoDomain
     d.hw.dma_write(BASE + M2 + 5 * K4, 1)  # dirty the second 2 MiB leaf
     # Whole leaf at 4K granularity
     assert _read(f, hwpt, BASE, 8 * M2, K4, NO_CLEAR) == list(range(512, 1024))

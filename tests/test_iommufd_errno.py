@@ -612,6 +612,13 @@ CASES: list[tuple[str, Callable[[World], int], int]] = [
         E.EOPNOTSUPP,
     ),
     (
+        "HWPT_ALLOC FAULT_ID_VALID|NEST_PARENT -> EOPNOTSUPP (before the fault lookup)",
+        lambda w: w.hwpt_alloc(
+            flags=u.IOMMU_HWPT_FAULT_ID_VALID | u.IOMMU_HWPT_ALLOC_NEST_PARENT, fault_id=999
+        ),
+        E.EOPNOTSUPP,
+    ),
+    (
         "HWPT_ALLOC FAULT_ID_VALID, no such fault -> ENOENT",
         lambda w: w.hwpt_alloc(flags=u.IOMMU_HWPT_FAULT_ID_VALID, fault_id=999),
         E.ENOENT,

@@ -21,7 +21,7 @@ import ctypes
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_iommufd_util import BASE, DIRTY, K4, M2, NO_CLEAR, Iommufd, OrIntoDomain
+from test_iommufd_util import BASE, DIRTY, K4, M2, NO_CLEAR, Iommufd
 
 from vfiomig.hw.iommu import IommuFault
 from vfiomig.uapi import iommufd as u
@@ -78,8 +78,6 @@ def test_dirty_bitmap_matches_oracle(layout: dict[str, object], data: st.DataObj
     d.attach(hwpt)
     f.set_dirty(hwpt, True)
     dom = d.hw.domain
-    if data.draw(st.booleans()):
-        dom.__class__ = OrIntoDomain
     dirty: set[tuple[int, int]] = set()
     lo, hi = areas[0][0], areas[-1][0] + areas[-1][1]
 

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vfiomig.hw.iommu import Domain
 from vfiomig.kernel import ModelKernel
 from vfiomig.uapi import iommufd as u
 from vfiomig.uapi import vfio as v
@@ -229,20 +228,6 @@ class Iommufd:
 
     def dev(self, kind: str = "reference", bind: bool = True, **opts: Any) -> Dev:
         return Dev(self, kind, bind, **opts)
-
-
-class OrIntoDomain(Domain):
-    """A hw domain whose read_and_clear_dirty can OR its bits into a given array (`out=`):
-    the kernel then writes straight into the user's bitmap. Exercises that path too."""
-
-    def read_and_clear_dirty(
-        self, iova: int, length: int, *, clear: bool, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        bits = super().read_and_clear_dirty(iova, length, clear=clear)
-        if out is None:
-            return bits
-        np.bitwise_or(out, bits[: out.size], out=out)
-        return out
 
 
 def bits(mem: npt.NDArray[np.uint8], off: int, nbits: int) -> npt.NDArray[np.uint8]:

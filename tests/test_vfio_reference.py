@@ -353,3 +353,19 @@ def test_device_dma_through_the_iommu_feeds_the_device_log(ref: Dev) -> None:
     assert mem is not None and bytes(mem[0x5000:0x5003]) == b"xxx"
     assert bits_of(report(ref, MB, MB)[1]) == [5, 6]
     assert state_bytes(ref) != before  # the write also changed the device's own state
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"seed": -1},
+        {"log_page_shift": (64, 70)},
+        {"log_page_shift": (21, 12)},
+        {"log_page_shift": (8, 12)},
+        {"log_max_ranges": 0},
+        {"log_addr_space": (52, 12)},
+    ],
+)
+def test_impossible_device_capabilities_are_refused_at_add_device(opts: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        ModelKernel().add_device("reference", **opts)

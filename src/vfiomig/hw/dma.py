@@ -3,7 +3,7 @@
 A write given as an int is a length only: it has the IOMMU side effects (permission check,
 dirty bits, IOTLB) and moves no bytes, which is how workloads dirty unbacked memory of very
 large guests. Byte transfers need backed memory; asking for bytes from an unbacked region is
-a modelling error (ValueError), checked before the IOMMU sees the access.
+a modelling error (UnbackedDma, a ValueError), checked before the IOMMU sees the access.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ import numpy as np
 
 from vfiomig.hw.iommu import Domain, IommuFault
 from vfiomig.hw.memory import Memory
+
+
+class UnbackedDma(ValueError):
+    """Bytes asked of memory that has none (an unbacked region): a limit of the model."""
 
 
 def dma_write(domain: Domain, mem: Memory, dev: object, iova: int, data: bytes | int) -> None:
@@ -42,7 +46,7 @@ def _check_backed(domain: Domain, mem: Memory, iova: int, length: int, write: bo
         return
     for uva, n in segs:
         if mem.region(uva, n).data is None:
-            raise ValueError(
+            raise UnbackedDma(
                 f"DMA {'write' if write else 'read'} of bytes at IOVA {iova:#x} reaches "
                 f"unbacked memory at {uva:#x}: pass a length (int) to dirty it without bytes"
             )

@@ -351,12 +351,13 @@ class HisiQmVf(DmaDevice):
         return ctx
 
     def _fetch(self, qp: int) -> QpContext | None:
+        from vfiomig.hw.dma import UnbackedDma  # a bus error to the QM, like a refused DMA
         from vfiomig.hw.iommu import IommuFault
 
         try:
             sqc = qm_sqc.from_buffer_copy(self.dma_read(self.sqc_bt + qp * XQC_SIZE, XQC_SIZE))
             cqc = qm_cqc.from_buffer_copy(self.dma_read(self.cqc_bt + qp * XQC_SIZE, XQC_SIZE))
-        except IommuFault:  # the read is refused; the QM logs a RAS error
+        except (IommuFault, UnbackedDma):  # the read is refused; the QM logs a RAS error
             self.pf.inject_ras_error(QM_AXI_RRESP)
             return None
         ctx = QpContext(sqc, cqc, dirty=False)
@@ -365,6 +366,7 @@ class HisiQmVf(DmaDevice):
 
     def _cache_writeback(self) -> None:
         """QM_CACHE_WB_START: write dirty contexts to the tables; WB_DONE rises when done."""
+        from vfiomig.hw.dma import UnbackedDma  # a bus error to the QM, like a refused DMA
         from vfiomig.hw.iommu import IommuFault
 
         self.regs[QM_CACHE_WB_DONE] = 0
@@ -376,7 +378,7 @@ class HisiQmVf(DmaDevice):
             try:
                 self.dma_write(self.sqc_bt + qp * XQC_SIZE, bytes(ctx.sqc))
                 self.dma_write(self.cqc_bt + qp * XQC_SIZE, bytes(ctx.cqc))
-            except IommuFault:  # the write is refused: WB never completes, RAS error
+            except (IommuFault, UnbackedDma):  # refused: WB never completes, RAS error
                 self.pf.inject_ras_error(QM_AXI_BRESP)
                 return
             ctx.dirty = False

@@ -27,10 +27,17 @@ PAGE_SHIFT = 12
 MMAP_BASE = 0x7F00_0000_0000
 # Unmapped guard gap left between regions, so running off the end of one buffer faults.
 GUARD = 1 << 21
+# The top of the process's address space (TASK_SIZE_MAX): arm64's 48-bit VA. x86-64's 4-level
+# 2^47 - 4 KiB would be too small for a 1 TiB guest placed above MMAP_BASE plus its buffers.
+TASK_SIZE_MAX = 1 << 48
 
 
 def efault() -> OSError:
     return OSError(errno.EFAULT, os.strerror(errno.EFAULT))
+
+
+def enomem() -> OSError:
+    return OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
 
 
 @dataclass
@@ -53,12 +60,19 @@ class Memory:
         self._next = MMAP_BASE
 
     def mmap(self, length: int, backed: bool = True) -> Region:
+        """A new region; EINVAL for length <= 0, ENOMEM when it does not fit below
+        TASK_SIZE_MAX or the host cannot hold its bytes (as mmap(2) answers)."""
         if length <= 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         size = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         # 2 MiB-align every region so huge IOPTEs are possible over it (stands for THP/hugetlb).
         addr = (self._next + GUARD - 1) & ~(GUARD - 1)
-        data = np.zeros(size, dtype=np.uint8) if backed else None
+        if addr + size > TASK_SIZE_MAX:
+            raise enomem()
+        try:
+            data = np.zeros(size, dtype=np.uint8) if backed else None
+        except (MemoryError, ValueError):  # numpy cannot allocate the bytes
+            raise enomem() from None
         region = Region(addr, size, data)
         i = bisect.bisect(self._starts, addr)
         self._regions.insert(i, region)
@@ -84,6 +98,12 @@ class Memory:
         if addr + length > r.end:
             raise efault()
         return r
+
+    def regions_in(self, addr: int, end: int) -> list[Region]:
+        """The regions overlapping [addr, end), in address order."""
+        i = max(bisect.bisect(self._starts, addr) - 1, 0)
+        j = bisect.bisect_left(self._starts, end)
+        return [r for r in self._regions[i:j] if r.end > addr]
 
     def contains(self, addr: int, length: int) -> bool:
         try:

@@ -1,7 +1,12 @@
 """ModelKernel: one modelled Linux 7.2 machine seen from one process.
 
 The syscall surface (open, ioctl, read, write, close, mmap) is the only way in, and every
-failure leaves it as OSError with the errno the real syscall gives. Device nodes:
+failure leaves it as OSError with the errno the real syscall gives, whatever is passed: what
+stands for a pointer but is no contiguous buffer (None, a str, a strided view) is EFAULT, a
+number of the wrong type EINVAL, an fd that is not open EBADF, an mmap past the top of user
+space (hw.memory.TASK_SIZE_MAX) or beyond the host's memory ENOMEM
+(tests/test_kernel_hostile.py). The set-up calls (add_device, device, group_of) are the
+machine's wiring, not syscalls: their mistakes are ValueError / TypeError. Device nodes:
 
     /dev/iommu                  iommufd (drivers/iommu/iommufd/main.c)
     /dev/vfio/devices/vfioN     VFIO device cdev (drivers/vfio/device_cdev.c)
@@ -16,7 +21,7 @@ from __future__ import annotations
 import os
 import select
 from collections.abc import Callable
-from errno import EBADF, EINVAL, ENOENT
+from errno import EBADF, EFAULT, EINVAL, ENOENT
 from typing import Any
 
 import numpy as np
@@ -25,7 +30,7 @@ import numpy.typing as npt
 from vfiomig.hw.memory import Memory
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import FdTable, File
-from vfiomig.kernel.uaccess import UserArg
+from vfiomig.kernel.uaccess import UserArg, user_buffer
 
 DEVICES_DIR = "/dev/vfio/devices/"
 
@@ -54,14 +59,20 @@ class ModelKernel:
 
     # -- machine set-up ------------------------------------------------------------------
 
-    def add_device(self, kind: str, **options: Any) -> str:
-        """Plug in a device of `kind` ("mtty", "hisi_acc", "reference"); returns its cdev path."""
+    def add_device(self, kind: str, *, iommu_dirty: bool = True, **options: Any) -> str:
+        """Plug in a device of `kind` ("mtty", "hisi_acc", "reference"); returns its cdev path.
+
+        iommu_dirty=False: the IOMMU instance in front of this device cannot track dirty
+        IOVAs (no IOMMU_CAP_DIRTY_TRACKING, like the selftest's NO_DIRTY mock device).
+        Set-up mistakes (unknown kind or option) are ValueError / TypeError: this is the
+        machine's wiring, not a syscall.
+        """
         ctor = DRIVERS.get(kind)
         if ctor is None:
             known = ", ".join(sorted(DRIVERS))
             raise ValueError(f"unknown device kind {kind!r} (known: {known})")
         path = f"{DEVICES_DIR}vfio{len(self.devices)}"
-        self.devices[path] = ctor(self, len(self.devices), **options)
+        self.devices[path] = ctor(self, len(self.devices), iommu_dirty=iommu_dirty, **options)
         from vfiomig.kernel.group import vfio_device_set_group
 
         vfio_device_set_group(self, self.devices[path])  # its /dev/vfio/N group (group.c)
@@ -71,18 +82,25 @@ class ModelKernel:
         """The hardware side of the device at `path` (DMA engine, faults, internal state)."""
         try:
             return self.devices[path].hw
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: not even a hashable path
             raise ValueError(f"no device at {path!r}") from None
 
     def group_of(self, path: str) -> str:
         try:
             return str(self.devices[path].group_path)
-        except KeyError:
+        except (KeyError, TypeError):
             raise ValueError(f"no device at {path!r}") from None
 
     # -- syscalls ------------------------------------------------------------------------
 
-    def open(self, path: str, flags: int = os.O_RDWR) -> int:
+    def open(self, path: str | bytes, flags: int = os.O_RDWR) -> int:
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        if not isinstance(path, str):
+            raise err(EFAULT)  # not a pointer to a string
+        path = path.split("\0", 1)[0]  # the kernel reads up to the NUL
+        if not isinstance(flags, int):
+            raise err(EINVAL)
         dev = self.devices.get(path)
         if dev is not None:
             return self.fdt.install(dev.cdev_open(flags))
@@ -110,7 +128,7 @@ class ModelKernel:
         f = self.fdt.get(fd)
         if not f.writable:
             raise err(EBADF)
-        return f.write(bytes(data))
+        return f.write(user_buffer(data))
 
     def lseek(self, fd: int, offset: int, whence: int = os.SEEK_SET) -> int:
         return self.fdt.get(fd).llseek(offset, whence)
@@ -126,10 +144,13 @@ class ModelKernel:
         self.fdt.close(fd)
 
     def mmap(self, length: int, backed: bool = True) -> tuple[int, npt.NDArray[np.uint8] | None]:
-        """Anonymous user memory: (address, writable numpy view of its bytes or None)."""
+        """Anonymous user memory: (address, writable numpy view of its bytes or None).
+
+        A length the address space (TASK_SIZE_MAX) or the host cannot hold is ENOMEM, as
+        mmap(2) answers."""
         if not isinstance(length, int):
             raise err(EINVAL)
-        r = self.mm.mmap(length, backed)
+        r = self.mm.mmap(length, bool(backed))
         return r.addr, r.data
 
     def munmap(self, addr: int) -> None:
@@ -144,4 +165,7 @@ class ModelKernel:
 
     def poll(self, fd: int, events: int = select.POLLIN | select.POLLOUT) -> int:
         """Ready events of an fd; files without a ->poll op are always ready (DEFAULT_POLLMASK)."""
-        return self.fdt.get(fd).poll(events)
+        f = self.fdt.get(fd)
+        if not isinstance(events, int):
+            raise err(EINVAL)
+        return f.poll(events & 0xFFFF)  # struct pollfd.events is a short

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from vfiomig.hw.device import DmaDevice
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import File
+from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
 from vfiomig.kernel.machine import DRIVERS
 from vfiomig.kernel.uaccess import UserArg
 from vfiomig.kernel.vfio_fsm import (
@@ -41,7 +42,7 @@ from vfiomig.kernel.vfio_fsm import (
     STOP_COPY,
     state_name,
 )
-from vfiomig.kernel.vfio_main import IovaBitmap, VfioDevice
+from vfiomig.kernel.vfio_main import VfioDevice
 from vfiomig.kernel.vfio_migration import ResumingFile, SavingFile
 from vfiomig.uapi import vfio as v
 
@@ -433,9 +434,13 @@ class MttyDevice(VfioDevice):
     has_log_ops = True
     info_flags = v.VFIO_DEVICE_FLAGS_PCI  # mtty_get_device_info: no RESET flag
 
-    def __init__(self, kernel: ModelKernel, index: int, *, nr_ports: int = 2) -> None:
+    def __init__(
+        self, kernel: ModelKernel, index: int, *, nr_ports: int = 2, iommu_dirty: bool = True
+    ) -> None:
         if nr_ports not in (1, 2):  # mtty_types[]: "1" and "2" port types only
             raise ValueError(f"nr_ports must be 1 or 2, got {nr_ports!r}")
+        # An mdev has no IOMMU of its own (iommufd gives it an ACCESS, not a domain), so
+        # `iommu_dirty` is accepted, as for every kind, and means nothing here.
         super().__init__(kernel, index, iommu_dirty=False)
         self.nr_ports = nr_ports
         self.mtty_hw = MttyHw(self, nr_ports)

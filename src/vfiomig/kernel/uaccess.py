@@ -20,21 +20,33 @@ from vfiomig.kernel.errors import err
 T = TypeVar("T", bound=ctypes.Structure)
 
 
+
+def user_buffer(data: object) -> bytes:
+    """The bytes of a write(2) buffer: any object with the buffer protocol; anything else
+    is not a pointer to user memory (EFAULT)."""
+    try:
+        return memoryview(data).tobytes()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise err(EFAULT) from None
+
+
 class UserArg:
     """The user buffer an ioctl's `arg` points at."""
 
     def __init__(self, arg: object) -> None:
         # Any writable buffer fcntl.ioctl(fd, req, buf, True) accepts: bytearray, a ctypes
         # struct, union, array or simple type (c_int32 for VFIO_GROUP_SET_CONTAINER), numpy.
+        # Anything that is not one contiguous buffer (None, a str, a strided numpy view, a
+        # released memoryview) is no pointer to user memory: EFAULT, as for a bad address.
         try:
             mv = memoryview(arg)  # type: ignore[arg-type]
-        except TypeError:
+            if mv.readonly:
+                # fcntl.ioctl(fd, req, b"...") copies immutable input into a scratch buffer:
+                # the kernel reads it, and what it writes back never reaches the caller.
+                mv = memoryview(bytearray(mv))
+            self.mv = mv.cast("B")
+        except (TypeError, ValueError):
             raise err(EFAULT) from None  # an int is passed through as a value, never here
-        if mv.readonly:
-            # fcntl.ioctl(fd, req, b"...") copies immutable input into a scratch buffer: the
-            # kernel reads it, and what it writes back never reaches the caller's object.
-            mv = memoryview(bytearray(mv))
-        self.mv = mv.cast("B")
         self.len = len(self.mv)
 
     def read(self, off: int, n: int) -> bytes:

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from vfiomig.hw.memory import PAGE_SIZE
+from vfiomig.hw.memory import PAGE_SIZE, TASK_SIZE_MAX
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.uaccess import UserArg
 from vfiomig.uapi import vfio as v
@@ -84,10 +84,6 @@ def DIRTY_BITMAP_BYTES(n: int) -> int:  # noqa: N802 - the kernel macro's name
 
 DIRTY_BITMAP_SIZE_MAX = DIRTY_BITMAP_BYTES(DIRTY_BITMAP_PAGES_MAX)  # 256 MiB
 DMA_ENTRY_LIMIT = 0xFFFF  # module parameter dma_entry_limit (U16_MAX)
-# access_ok() accepts [addr, addr + size) below the top of user space: arm64's 48-bit VA
-# (x86-64's 4-level 2^47 - 4 KiB would be too small for the model's mmap(), which places
-# a 1 TiB guest right below 2^47 and its next buffers above).
-TASK_SIZE_MAX = 1 << 48
 # vfio_dma_do_unmap gives an emulated device this many notifications to unpin a mapping.
 UNMAP_NOTIFY_RETRIES = 10
 
@@ -129,7 +125,7 @@ def _pgshift_of(pgsize: int) -> int:
 
 
 def access_ok(addr: int, size: int) -> bool:
-    """access_ok(): the range lies below TASK_SIZE_MAX (mapped or not)."""
+    """access_ok(): the range lies below TASK_SIZE_MAX (hw/memory.py; mapped or not)."""
     return 0 <= addr and addr + size <= TASK_SIZE_MAX
 
 

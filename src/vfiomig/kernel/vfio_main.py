@@ -9,8 +9,9 @@ Follows drivers/vfio/vfio_main.c (7.2) and include/linux/vfio.h:
 * `vfio_ioctl_device_feature` + `vfio_check_feature` + the core feature handlers
   (MIGRATION, MIG_DEVICE_STATE, MIG_DATA_SIZE, MIG_PRECOPY_INFOv2, DMA_LOGGING_*), check
   for check in the kernel's order.
-* `IovaBitmap` is drivers/vfio/iova_bitmap.c seen from a driver: `set(starts, length)`
-  marks dirty IOVA ranges in the user's bitmap, vectorized.
+* DMA_LOGGING_REPORT hands the driver the user's bitmap as an `IovaBitmap`
+  (kernel/iommufd/iova_bitmap.py, the one iova_bitmap.c that iommufd shares with VFIO):
+  `bitmap.set_ranges(starts, length)` marks dirty IOVA ranges, vectorized.
 
 Drivers subclass `VfioDevice` and implement the ops (all optional except `step` for a
 migratable device):
@@ -44,12 +45,10 @@ from collections.abc import Callable
 from errno import E2BIG, EFAULT, EINVAL, ENOTTY, EOVERFLOW
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
-
 from vfiomig.hw.memory import PAGE_SIZE
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import File
+from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
 from vfiomig.kernel.uaccess import UserArg
 from vfiomig.kernel.vfio_fsm import MIG_PRE_COPY, RUNNING
 from vfiomig.kernel.vfio_migration import ResumingFile, SavingFile, mig_set_state
@@ -262,14 +261,6 @@ class VfioDeviceFile(File):
             vfio_df_close(self)
 
 
-def _cdev_op(name: str) -> Callable[[Any, UserArg | int], int] | None:
-    """ATTACH/DETACH live in device_cdev.py (iommufd side); absent until they land."""
-    from vfiomig.kernel import device_cdev
-
-    op: Callable[[Any, UserArg | int], int] | None = getattr(device_cdev, name, None)
-    return op
-
-
 def vfio_device_fops_unl_ioctl(df: VfioDeviceFile, cmd: int, arg: UserArg | int) -> int:
     if cmd == v.VFIO_DEVICE_FEATURE:  # the hot path first; access is checked inside
         if not df.access_granted:
@@ -281,10 +272,10 @@ def vfio_device_fops_unl_ioctl(df: VfioDeviceFile, cmd: int, arg: UserArg | int)
         return vfio_df_ioctl_bind_iommufd(df, arg)
     if not df.access_granted:  # paired with the store after vfio_df_open()
         raise err(EINVAL)
-    if df.group is None and cmd in _CDEV_ONLY:
-        op = _cdev_op(_CDEV_ONLY[cmd])
-        if op is None:
-            raise err(ENOTTY)
+    if df.group is None and cmd in _CDEV_ONLY:  # cdev-only ioctls (device_cdev.py)
+        from vfiomig.kernel import device_cdev
+
+        op: Callable[[Any, UserArg | int], int] = getattr(device_cdev, _CDEV_ONLY[cmd])
         return op(df, arg)
     dev = df.device
     if cmd == v.VFIO_DEVICE_GET_INFO:
@@ -467,10 +458,12 @@ def _feature_logging_report(dev: VfioDevice, flags: int, arg: UserArg, argsz: in
     if iova + length > ULONG_MAX:
         raise err(EOVERFLOW)
     bm = IovaBitmap(dev.kernel.mm, iova, length, page_size, bitmap)
-    # iova_bitmap_for_each: the driver sees the part whose bitmap could be pinned; a
-    # bitmap that stops short faults after that part was reported (and cleared).
-    dev.log_read_and_clear(iova, bm.covered, bm)
-    if bm.short:
+    # iova_bitmap_for_each, whose error VFIO returns (iommufd drops it): the driver sees
+    # the part whose bitmap could be pinned; a bitmap that stops short faults after that
+    # part was reported (and cleared).
+    covered = bm.pin_run(length)  # EFAULT: not even the bitmap's first page
+    dev.log_read_and_clear(iova, covered, bm)
+    if covered < length:
         raise err(EFAULT)
     return 0
 
@@ -484,70 +477,3 @@ _CORE_FEATURES: dict[int, FeatureHandler] = {
     v.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: _feature_mig_data_size,
     v.VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2: _feature_precopy_info_v2,
 }
-
-
-# ---------------------------------------------------------------------------------------
-# iova_bitmap
-
-
-class IovaBitmap:
-    """The user's dirty bitmap for one DMA_LOGGING_REPORT (drivers/vfio/iova_bitmap.c).
-
-    Bit i stands for [iova + i*page_size, iova + (i+1)*page_size), LSB first in u64 words
-    (so LSB first in bytes on a little-endian machine). Bits are only ever set.
-    """
-
-    def __init__(self, mm: Any, iova: int, length: int, page_size: int, addr: int) -> None:
-        self.iova = iova
-        self.length = length
-        self.page_size = page_size
-        self.shift = page_size.bit_length() - 1
-        # mapped_total_index: u64 words up to the bit of (length - 1); length 0 wraps.
-        nbits = (((length - 1) & U64_MAX) >> self.shift) + 1
-        need = ((nbits + 63) // 64) * 8
-        try:
-            region = mm.region(addr, 1)  # pinning the first page must work at least
-        except OSError:
-            raise err(EFAULT) from None
-        if region.data is None:
-            raise err(EFAULT)  # unbacked memory has no pages to pin
-        avail = region.end - addr
-        self.short = need > avail and length > 0
-        nbytes = min(need, avail)
-        self.view: npt.NDArray[np.uint8] = region.data[
-            addr - region.addr : addr - region.addr + nbytes
-        ]
-        # IOVA whose bits fit in the pinned bytes (all of it unless the bitmap is short)
-        self.covered = min(length, (nbytes * 8) << self.shift)
-        self.nbits = min(nbits, nbytes * 8)
-
-    def set(self, starts: npt.NDArray[np.uint64] | list[int], length: int) -> None:
-        """iova_bitmap_set for every [start, start+length): vectorized over `starts`."""
-        s = np.asarray(starts, dtype=np.uint64)
-        if s.size == 0 or length <= 0 or self.covered == 0:
-            return
-        lo = np.uint64(self.iova)
-        hi = np.uint64(self.iova + self.covered - 1)  # last covered byte (no u64 overflow)
-        ends = s + np.uint64(length - 1)  # last byte of each range
-        keep = (ends >= lo) & (s <= hi) & (ends >= s)
-        s, ends = s[keep], ends[keep]
-        if s.size == 0:
-            return
-        first = (np.maximum(s, lo) - lo) >> np.uint64(self.shift)
-        last = (np.minimum(ends, hi) - lo) >> np.uint64(self.shift)
-        self._set_bits(first.astype(np.int64), last.astype(np.int64))
-
-    def _set_bits(self, first: npt.NDArray[np.int64], last: npt.NDArray[np.int64]) -> None:
-        counts = last - first + 1
-        total = int(counts.sum())
-        if total > 4 * self.nbits:  # dense: go through a bool map of the whole bitmap
-            marks = np.zeros(self.nbits + 1, dtype=np.int32)
-            np.add.at(marks, first, 1)
-            np.add.at(marks, last + 1, -1)
-            bits = np.cumsum(marks[:-1]) > 0
-            packed = np.packbits(bits, bitorder="little")
-            self.view[: packed.size] |= packed
-            return
-        offs = np.repeat(first - np.cumsum(counts) + counts, counts)
-        idx = offs + np.arange(total, dtype=np.int64)
-        np.bitwise_or.at(self.view, idx >> 3, (1 << (idx & 7)).astype(np.uint8))

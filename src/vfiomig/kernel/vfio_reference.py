@@ -59,6 +59,7 @@ import numpy.typing as npt
 from vfiomig.hw.device import DmaDevice
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import File
+from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
 from vfiomig.kernel.machine import DRIVERS, ModelKernel
 from vfiomig.kernel.vfio_fsm import (
     PRE_COPY,
@@ -72,7 +73,7 @@ from vfiomig.kernel.vfio_fsm import (
     state_from_name,
     state_supported,
 )
-from vfiomig.kernel.vfio_main import U64_MAX, IovaBitmap, VfioDevice
+from vfiomig.kernel.vfio_main import U64_MAX, VfioDevice
 from vfiomig.kernel.vfio_migration import ResumingFile, SavingFile, mig_set_state
 from vfiomig.uapi import vfio as v
 
@@ -202,6 +203,29 @@ class DirtyLog:
             found.append((_bits_in(bits, a, b) + p0).astype(np.uint64) << np.uint64(self.shift))
             _clear_bits(bits, a, b)
         return np.concatenate(found) if found else np.zeros(0, dtype=np.uint64)
+
+
+def _check_log_options(
+    seed: int,
+    log_page_shift: tuple[int, int],
+    log_max_ranges: int,
+    log_addr_space: tuple[int, int],
+) -> None:
+    """The device's capabilities must be ones a device could report (like mlx5's caps)."""
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed!r}")
+    lo, hi = log_page_shift
+    if not 12 <= lo <= hi <= 63:
+        raise ValueError(
+            f"log_page_shift must be (min, max) with 12 <= min <= max <= 63, got {log_page_shift!r}"
+        )
+    if log_max_ranges < 1:
+        raise ValueError(f"log_max_ranges must be >= 1, got {log_max_ranges!r}")
+    lo, hi = log_addr_space
+    if not 0 <= lo <= hi <= 64:
+        raise ValueError(
+            f"log_addr_space must be (min, max) with 0 <= min <= max <= 64, got {log_addr_space!r}"
+        )
 
 
 def vfio_combine_iova_ranges(nodes: list[list[int]], req: int) -> list[list[int]]:
@@ -560,6 +584,7 @@ class ReferenceDevice(VfioDevice):
         unknown = set(defects) - DEFECTS
         if unknown:
             raise ValueError(f"unknown defects {sorted(unknown)}; known: {sorted(DEFECTS)}")
+        _check_log_options(seed, log_page_shift, log_max_ranges, log_addr_space)
         super().__init__(kernel, index, iommu_dirty=iommu_dirty)
         self.migration_flags = migration_flags
         self.has_log_ops = dma_logging
@@ -674,7 +699,7 @@ class ReferenceDevice(VfioDevice):
         log = self.ref_hw.log
         if log is None:
             raise err(EINVAL)  # mlx5vf_tracker_read_and_clear: !log_active
-        bitmap.set(log.read_and_clear(iova, length), log.page_size)
+        bitmap.set_ranges(log.read_and_clear(iova, length), log.page_size)
 
 
 DRIVERS["reference"] = ReferenceDevice

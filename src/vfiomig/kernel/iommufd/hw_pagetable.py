@@ -77,6 +77,8 @@ def iommufd_hwpt_paging_alloc(
         raise err(EOPNOTSUPP)
     if flags & u.IOMMU_HWPT_ALLOC_DIRTY_TRACKING and not idev.dirty_capable:
         raise err(EOPNOTSUPP)  # !device_iommu_capable(dev, IOMMU_CAP_DIRTY_TRACKING)
+    if flags & u.IOMMU_HWPT_FAULT_ID_VALID and flags & u.IOMMU_HWPT_ALLOC_NEST_PARENT:
+        raise err(EOPNOTSUPP)  # a nest parent takes no faults
     driver = iommu_driver(ictx.kernel)
     driver.check_paging_flags(flags & ~u.IOMMU_HWPT_FAULT_ID_VALID, user_data)
     domain = ictx.kernel.iommu.domain_alloc(

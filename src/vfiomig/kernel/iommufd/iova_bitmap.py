@@ -1,4 +1,14 @@
-"""The user's dirty bitmap of one IOMMU_HWPT_GET_DIRTY_BITMAP (drivers/iommu/iommufd/iova_bitmap.c).
+"""The user's dirty bitmap of one dirty report (drivers/iommu/iommufd/iova_bitmap.c).
+
+One iova_bitmap.c serves both dirty reports of the kernel (it moved from drivers/vfio/ to
+drivers/iommu/iommufd/ in 6.7 and is exported to VFIO), and so does this one class:
+
+* IOMMU_HWPT_GET_DIRTY_BITMAP (io_pagetable.py) discards iova_bitmap_for_each's result, so a
+  bit whose bitmap page cannot be pinned is dropped silently and the walk goes on;
+* VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT (vfio_main.py) returns it: `pin_run()` limits the
+  bitmap to the pages pinnable in one run from its start (EFAULT if not even the first
+  one), the driver reports the IOVA those cover, and a bitmap that stops short is EFAULT
+  after that part was reported (and cleared).
 
 Bit k stands for IOVA [iova + k*2^pgshift, iova + (k+1)*2^pgshift), pgshift = __ffs(page_size)
 (a non-power-of-two page_size acts through its lowest set bit). Bit k is bit k%8 of byte
@@ -13,18 +23,21 @@ its end) land as long as they stay within the pinned pages.
 
 Everything is vectorized: 4 KiB-granular packed bits from the hw page table become the
 bitmap's granule with byte-wise reductions or expansions, and are OR-ed into numpy views
-of user memory at any bit offset (a shift of the packed bytes). No loop per page or per bit.
+of user memory at any bit offset (a shift of the packed bytes); a driver's list of dirty
+ranges (`set_ranges`) becomes bits in one pass. No loop per page or per bit.
 """
 
 from __future__ import annotations
 
-import bisect
+from collections.abc import Iterator
+from errno import EFAULT
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from vfiomig.hw.memory import PAGE_SIZE
+from vfiomig.kernel.errors import err
 
 if TYPE_CHECKING:
     from vfiomig.hw.memory import Memory
@@ -116,35 +129,30 @@ class IovaBitmap:
 
     # -- the user-memory side ----------------------------------------------------------
 
-    def _or_bytes(self, byte0: int, packed: npt.NDArray[np.uint8]) -> None:
-        """OR packed bytes into the bitmap from its byte `byte0`, page by pinnable page:
-        parts over unmapped or unbacked memory are dropped (they cannot be pinned)."""
-        addr = self.data + byte0
-        end = addr + packed.size
-        regions = getattr(self.mm, "_regions", None)
-        starts = getattr(self.mm, "_starts", None)
-        while addr < end:
-            r = None
-            if regions is not None and starts is not None:
-                i = bisect.bisect_right(starts, addr) - 1
-                if i >= 0 and regions[i].addr <= addr < regions[i].end:
-                    r = regions[i]
-                nxt = starts[i + 1] if i + 1 < len(starts) else end
-            else:  # no region index: ask page by page
-                try:
-                    r = self.mm.region(addr, 1)
-                except OSError:
-                    r = None
-                nxt = (addr // PAGE_SIZE + 1) * PAGE_SIZE
-            if r is None:
-                addr = max(nxt, addr + 1)
-                continue
-            stop = min(end, r.end)
+    def _backed(self, addr: int, end: int) -> Iterator[tuple[int, int, npt.NDArray[np.uint8]]]:
+        """(lo, hi, the bytes of [lo, hi)) for every part of [addr, end) that can be pinned
+        (mapped, with bytes behind it). One step per region, not per page."""
+        for r in self.mm.regions_in(addr, end):
+            lo, hi = max(addr, r.addr), min(end, r.end)
             if r.data is not None:
-                lo = addr - (self.data + byte0)
-                view = r.data[addr - r.addr : stop - r.addr]
-                np.bitwise_or(view, packed[lo : lo + view.size], out=view)
-            addr = stop
+                yield lo, hi, r.data[lo - r.addr : hi - r.addr]
+
+    def _or_bytes(self, byte0: int, packed: npt.NDArray[np.uint8]) -> None:
+        """OR packed bytes into the bitmap from its byte `byte0`; parts over unmapped or
+        unbacked memory are dropped (they cannot be pinned)."""
+        base = self.data + byte0
+        for lo, _hi, view in self._backed(base, base + packed.size):
+            np.bitwise_or(view, packed[lo - base : lo - base + view.size], out=view)
+
+    def _or_at(self, byte_idx: npt.NDArray[np.int64], vals: npt.NDArray[np.uint8]) -> None:
+        """OR vals[i] into bitmap byte byte_idx[i] (sorted, unique), dropping what cannot
+        be pinned."""
+        if byte_idx.size == 0:
+            return
+        addrs = byte_idx + self.data
+        for lo, hi, view in self._backed(int(addrs[0]), int(addrs[-1]) + 1):
+            a, b = np.searchsorted(addrs, [lo, hi])
+            view[addrs[a:b] - lo] |= vals[a:b]
 
     def direct_view(self, cur: int, npages: int) -> npt.NDArray[np.uint8] | None:
         """The user-memory bytes that take the 4 KiB bits of [cur, cur + npages*4K) as
@@ -184,6 +192,54 @@ class IovaBitmap:
         n = last - first + 1
         ones = np.full((n + 7) >> 3, 0xFF, dtype=np.uint8)
         self.set_packed(first, ones, n)
+
+    def set_ranges(self, starts: npt.NDArray[np.uint64] | list[int], length: int) -> None:
+        """iova_bitmap_set(start, length) for every start at once (a driver's dirty list)."""
+        s = np.asarray(starts, dtype=np.uint64)
+        if s.size == 0 or length <= 0 or self.max_bits == 0:
+            return
+        lo = np.uint64(self.iova)
+        ends = s + np.uint64(length - 1)  # last byte of each range
+        keep = (ends >= lo) & (ends >= s)  # not before the bitmap, no u64 wrap
+        s, ends = s[keep], ends[keep]
+        first = ((np.maximum(s, lo) - lo) >> np.uint64(self.pgshift)).astype(np.int64)
+        last = ((ends - lo) >> np.uint64(self.pgshift)).astype(np.int64)
+        inside = first < self.max_bits
+        first, last = first[inside], np.minimum(last[inside], self.max_bits - 1)
+        if first.size == 0:
+            return
+        counts = last - first + 1
+        total = int(counts.sum())
+        b0 = int(first.min())
+        span = int(last.max()) - b0 + 1
+        if total * 8 >= span:  # dense: a bool map of the span, packed
+            marks = np.zeros(span + 1, dtype=np.int32)
+            np.add.at(marks, first - b0, 1)
+            np.add.at(marks, last - b0 + 1, -1)
+            packed = np.packbits(np.cumsum(marks[:-1]) > 0, bitorder="little")
+            self.set_packed(b0, packed, span)
+            return
+        # sparse: every bit, grouped by byte
+        idx = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(total)
+        idx = np.unique(idx)
+        byte_idx, at = np.unique(idx >> 3, return_index=True)
+        vals = np.bitwise_or.reduceat((1 << (idx & 7)).astype(np.uint8), at)
+        self._or_at(byte_idx, vals)
+
+    # -- VFIO's DMA_LOGGING_REPORT: iova_bitmap_for_each's error is returned ---------------
+
+    def pin_run(self, length: int) -> int:
+        """Pin the bitmap as iova_bitmap_get does: the pages pinnable in one run from its
+        start (EFAULT when not even the first one is). From now on only bits in them land.
+        Returns the IOVA (at most `length`) those bits cover: what the driver is asked."""
+        try:
+            r = self.mm.region(self.data, 1)
+        except OSError:
+            raise err(EFAULT) from None
+        if r.data is None:
+            raise err(EFAULT)  # unbacked memory has no pages to pin
+        self.max_bits = min(self.max_bits, (r.end - self.data) * 8)
+        return min(length, self.max_bits << self.pgshift)
 
     def set_pages(self, cur: int, bits: npt.NDArray[np.uint8], npages: int) -> None:
         """Record the 4 KiB page bits of [cur, cur + npages*4K) (bit j = page j)."""
