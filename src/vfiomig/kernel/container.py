@@ -28,6 +28,7 @@ from errno import E2BIG, EBUSY, EINVAL, ENODEV, ENOTTY
 from typing import TYPE_CHECKING
 
 from vfiomig.hw.memory import PAGE_SIZE
+from vfiomig.kernel.bitops import U64_MAX
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import File
 from vfiomig.kernel.group import VFIO_IOMMU, VfioGroup, vfio_group_of
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
     from vfiomig.kernel.machine import ModelKernel
     from vfiomig.kernel.vfio_main import VfioDevice
 
-U64_MAX = (1 << 64) - 1
 # VFIO_PIN_PAGES_MAX_ENTRIES: one page of unsigned longs (include/linux/vfio.h)
 VFIO_PIN_PAGES_MAX_ENTRIES = PAGE_SIZE // 8
 

@@ -20,7 +20,6 @@ from vfiomig.kernel.errors import err
 T = TypeVar("T", bound=ctypes.Structure)
 
 
-
 def user_buffer(data: object) -> bytes:
     """The bytes of a write(2) buffer: any object with the buffer protocol; anything else
     is not a pointer to user memory (EFAULT)."""

@@ -55,6 +55,8 @@ import numpy as np
 import numpy.typing as npt
 
 from vfiomig.hw.memory import PAGE_SIZE, TASK_SIZE_MAX
+from vfiomig.kernel.bitops import U64_MAX
+from vfiomig.kernel.bitops import __ffs as _ffs
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.uaccess import UserArg
 from vfiomig.uapi import vfio as v
@@ -66,7 +68,6 @@ if TYPE_CHECKING:
     from vfiomig.kernel.machine import ModelKernel
     from vfiomig.kernel.vfio_main import VfioDevice
 
-U64_MAX = (1 << 64) - 1
 PAGE_MASK = U64_MAX & ~(PAGE_SIZE - 1)
 INT_MAX = (1 << 31) - 1
 
@@ -110,11 +111,6 @@ _DIRTY_FLAGS = (
 # Reserved-region types (enum iommu_resv_type); DIRECT_RELAXABLE ones do not restrict IOVA.
 IOMMU_RESV_DIRECT, IOMMU_RESV_DIRECT_RELAXABLE, IOMMU_RESV_RESERVED = 0, 1, 2
 IOMMU_RESV_MSI, IOMMU_RESV_SW_MSI = 3, 4
-
-
-def _ffs(x: int) -> int:
-    """__ffs(): index of the lowest set bit (x != 0)."""
-    return (x & -x).bit_length() - 1
 
 
 def _pgshift_of(pgsize: int) -> int:

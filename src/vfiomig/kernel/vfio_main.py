@@ -46,6 +46,7 @@ from errno import E2BIG, EFAULT, EINVAL, ENOTTY, EOVERFLOW
 from typing import TYPE_CHECKING, Any
 
 from vfiomig.hw.memory import PAGE_SIZE
+from vfiomig.kernel.bitops import U64_MAX, ULONG_MAX
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import File
 from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
@@ -57,8 +58,6 @@ from vfiomig.uapi import vfio as v
 if TYPE_CHECKING:
     from vfiomig.kernel.machine import ModelKernel
 
-U64_MAX = (1 << 64) - 1
-ULONG_MAX = U64_MAX  # a 64-bit kernel
 FEATURE_HDR = 8  # offsetofend(struct vfio_device_feature, flags)
 GET = v.VFIO_DEVICE_FEATURE_GET
 SET = v.VFIO_DEVICE_FEATURE_SET

@@ -38,6 +38,7 @@ from errno import (
 from typing import TYPE_CHECKING, Any
 
 from vfiomig.hw.memory import PAGE_SIZE
+from vfiomig.kernel.bitops import U64_MAX, ULONG_MAX
 from vfiomig.kernel.errors import err
 
 if TYPE_CHECKING:
@@ -45,8 +46,6 @@ if TYPE_CHECKING:
     from vfiomig.kernel.iommufd.access import IommufdAccess
     from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
 
-U64_MAX = (1 << 64) - 1
-ULONG_MAX = U64_MAX  # a 64-bit kernel
 SIZE_MAX = U64_MAX
 HPAGE_SIZE = 2 << 20  # THP size (CONFIG_TRANSPARENT_HUGEPAGE), the cap of auto IOVA alignment
 

@@ -37,12 +37,13 @@ import numpy as np
 import numpy.typing as npt
 
 from vfiomig.hw.memory import PAGE_SIZE
+from vfiomig.kernel.bitops import U64_MAX
+from vfiomig.kernel.bitops import __ffs as _ffs
 from vfiomig.kernel.errors import err
 
 if TYPE_CHECKING:
     from vfiomig.hw.memory import Memory
 
-U64_MAX = (1 << 64) - 1
 PAGE_SHIFT = 12
 
 _BYTE_ANY_2 = np.array(
@@ -51,10 +52,6 @@ _BYTE_ANY_2 = np.array(
 _BYTE_ANY_4 = np.array(
     [sum(1 << j for j in range(2) if (b >> (4 * j)) & 15) for b in range(256)], dtype=np.uint8
 )  # one byte -> 2 bits, each the OR of a nibble
-
-
-def _ffs(x: int) -> int:
-    return (x & -x).bit_length() - 1
 
 
 def shift_packed(packed: npt.NDArray[np.uint8], s: int) -> npt.NDArray[np.uint8]:
