@@ -171,10 +171,12 @@ def register(
     return deco
 
 
-def _table_len() -> int:
-    # The kernel's iommufd_ioctl_ops[] covers every IOMMUFD_CMD_* up to the last one.
-    last = max(val for name, val in vars(u).items() if name.startswith("IOMMUFD_CMD_"))
-    return int(last) - u.IOMMUFD_CMD_BASE + 1
+# The kernel's iommufd_ioctl_ops[] covers every IOMMUFD_CMD_* up to the last one.
+IOCTL_TABLE_LEN = (
+    max(int(val) for name, val in vars(u).items() if name.startswith("IOMMUFD_CMD_"))
+    - u.IOMMUFD_CMD_BASE
+    + 1
+)
 
 
 _LOADED = False
@@ -203,7 +205,7 @@ class IommufdFile(File):
     def ioctl(self, cmd: int, arg: UserArg | int) -> int:
         """iommufd_fops_ioctl."""
         nr = _IOC_NR(cmd)
-        if not 0 <= nr - u.IOMMUFD_CMD_BASE < _table_len():
+        if not 0 <= nr - u.IOMMUFD_CMD_BASE < IOCTL_TABLE_LEN:
             from vfiomig.kernel.iommufd.vfio_compat import iommufd_vfio_ioctl
 
             return iommufd_vfio_ioctl(self.ictx, cmd, arg)
