@@ -18,17 +18,19 @@ from collections.abc import Callable
 from errno import EINVAL
 
 from vfiomig.kernel.errors import err
+from vfiomig.uapi import vfio as v
 
-# enum vfio_device_mig_state (include/uapi/linux/vfio.h)
-ERROR = 0
-STOP = 1
-RUNNING = 2
-STOP_COPY = 3
-RESUMING = 4
-RUNNING_P2P = 5
-PRE_COPY = 6
-PRE_COPY_P2P = 7
-NUM_STATES = 8  # VFIO_DEVICE_STATE_PRE_COPY_P2P + 1, the tables' dimension
+# enum vfio_device_mig_state and the migration flags, from the uAPI mirror (plain ints:
+# they index the tables and are compared on every ioctl)
+ERROR = int(v.VFIO_DEVICE_STATE_ERROR)
+STOP = int(v.VFIO_DEVICE_STATE_STOP)
+RUNNING = int(v.VFIO_DEVICE_STATE_RUNNING)
+STOP_COPY = int(v.VFIO_DEVICE_STATE_STOP_COPY)
+RESUMING = int(v.VFIO_DEVICE_STATE_RESUMING)
+RUNNING_P2P = int(v.VFIO_DEVICE_STATE_RUNNING_P2P)
+PRE_COPY = int(v.VFIO_DEVICE_STATE_PRE_COPY)
+PRE_COPY_P2P = int(v.VFIO_DEVICE_STATE_PRE_COPY_P2P)
+NUM_STATES = PRE_COPY_P2P + 1  # the tables' dimension
 
 STATE_NAMES: tuple[str, ...] = (
     "ERROR",
@@ -41,10 +43,9 @@ STATE_NAMES: tuple[str, ...] = (
     "PRE_COPY_P2P",
 )
 
-# vfio_device_feature_migration.flags
-MIG_STOP_COPY = 1 << 0
-MIG_P2P = 1 << 1
-MIG_PRE_COPY = 1 << 2
+MIG_STOP_COPY = v.VFIO_MIGRATION_STOP_COPY
+MIG_P2P = v.VFIO_MIGRATION_P2P
+MIG_PRE_COPY = v.VFIO_MIGRATION_PRE_COPY
 # The flag sets the uAPI defines; every other combination is "to be defined".
 VALID_MIGRATION_FLAGS = (
     MIG_STOP_COPY,
