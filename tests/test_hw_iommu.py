@@ -357,6 +357,10 @@ def _split_with_dma(dom: Domain, dev: object, iova: int) -> list[str]:
     ],
 )
 def test_split_break_before_make(vendor: str, bbml2: bool, faults: bool) -> None:
+    """The seed thread's question, "doesn't that explode if the invalid entry is DMA'd to?":
+    splitting a live 2 MiB leaf for 4 KiB dirty granularity on SMMUv3 without BBML2 leaves
+    the entry invalid for a window, and a device DMA in that window faults (and is lost).
+    VT-d, AMD and SMMUv3 with BBML2 replace the leaf atomically: the DMA goes through."""
     dom, dev, uva = setup(vendor, 2 * M2, bbml2=bbml2)
     seen = _split_with_dma(dom, dev, IOVA)
     assert seen == (["break-before-make"] if faults else ["ok"])
