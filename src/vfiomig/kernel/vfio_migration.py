@@ -3,14 +3,16 @@
 What a driver writes (see vfio_reference.py for a complete one):
 
     class MySaving(SavingFile):
-        def produce(self, n: int) -> bytes: ...        # next <= n bytes of the stream; raise
+        @abstractmethod
+    def produce(self, n: int) -> bytes: ...        # next <= n bytes of the stream; raise
                                                        # err(ENOMSG) at a temporary end (PRE_COPY)
                                                        # or return b"" at the end (STOP_COPY)
         def precopy_info(self, info) -> None: ...      # fill initial_bytes / dirty_bytes; may
                                                        # set VFIO_PRECOPY_INFO_REINIT if v2
     class MyResuming(ResumingFile):
         max_size = 176                                 # optional: pos + len > max_size: ENOMEM
-        def consume(self, data: bytes) -> int: ...     # accept bytes; raise err(...) to refuse
+        @abstractmethod
+    def consume(self, data: bytes) -> int: ...     # accept bytes; raise err(...) to refuse
 
     class MyDevice(VfioDevice):
         def step(self, cur, new) -> File | None: ...   # execute ONE arc; return a new data file
@@ -43,6 +45,7 @@ and close_device do (`device.disable_fds()`).
 from __future__ import annotations
 
 import struct
+from abc import ABC, abstractmethod
 from errno import EFAULT, EINVAL, ENODEV, ENOMEM, ENOTTY
 from typing import TYPE_CHECKING
 
@@ -81,7 +84,7 @@ class MigrationFile(File):
         return not self.disabled
 
 
-class SavingFile(MigrationFile):
+class SavingFile(MigrationFile, ABC):
     """Read-only stream of device state (opened O_RDONLY)."""
 
     readable = True
@@ -97,9 +100,9 @@ class SavingFile(MigrationFile):
         self.pos += len(data)
         return data
 
+    @abstractmethod
     def produce(self, n: int) -> bytes:
         """Up to n next bytes of the stream (driver). b"" is end of stream."""
-        raise NotImplementedError
 
     def ioctl(self, cmd: int, arg: UserArg | int) -> int:
         # vfio_check_precopy_ioctl (include/linux/vfio.h, 7.x)
@@ -122,13 +125,13 @@ class SavingFile(MigrationFile):
         arg.write(0, bytes(info)[:PRECOPY_INFO_SIZE])
         return 0
 
+    @abstractmethod
     def precopy_info(self, info: v.vfio_precopy_info) -> None:
         """Fill initial_bytes / dirty_bytes (driver); may OR in VFIO_PRECOPY_INFO_REINIT
         when self.device.precopy_info_v2. Raise err(...) for driver-specific failures."""
-        raise NotImplementedError
 
 
-class ResumingFile(MigrationFile):
+class ResumingFile(MigrationFile, ABC):
     """Write-only stream into the device (opened O_WRONLY). No ioctl: ENOTTY."""
 
     readable = False
@@ -146,11 +149,11 @@ class ResumingFile(MigrationFile):
         self.pos += n
         return n
 
+    @abstractmethod
     def consume(self, data: bytes) -> int:
         """Accept the bytes (driver); return how many. A driver that counts bytes it then
         refuses (hisi/mtty answer EFAULT after storing them) advances self.pos itself
         before raising."""
-        raise NotImplementedError
 
 
 def mig_set_state(dev: VfioDevice, new: int) -> File | None:
