@@ -51,6 +51,7 @@ def test_clean_reference_device_passes_everything() -> None:
         ("wrong_data_size", "mig-data-size", "wrong MIG_DATA_SIZE"),
         ("fd_on_wrong_arc", "fsm-paths", "data fd on the wrong arc"),
         ("lossy_resume", "save-resume-roundtrip", "lossy resume"),
+        ("lossy_precopy", "precopy-roundtrip", "lossy pre-copy"),
         ("log_misses_writes", "dma-logging-report", "dirty log misses writes"),
         ("no_einval_blocked_arc", "fsm-blocked-arcs", "no EINVAL on the blocked arc"),
     ],
@@ -75,7 +76,10 @@ def test_reference_passes_with_each_flag_set(flags: str) -> None:
     skipped = {n for n, r in res.items() if r.status == SKIP}
     assert "dma-logging-report" in skipped  # no DMA logging: skipped with its reason
     if flags in ("1", "3"):
-        assert {"fsm-blocked-arcs", "precopy-info-states"} <= skipped
+        assert {"fsm-blocked-arcs", "precopy-info-states", "precopy-roundtrip"} <= skipped
+        assert "PRE_COPY" in res["precopy-roundtrip"].reason
+    else:
+        assert res["precopy-roundtrip"].status == PASS
     if flags in ("1", "5"):
         assert "p2p-quiescence" in skipped
 
@@ -83,6 +87,7 @@ def test_reference_passes_with_each_flag_set(flags: str) -> None:
 def test_mtty_passes() -> None:
     res = _results("--model", "mtty")
     assert [(n, r.reason) for n, r in res.items() if r.status == FAIL] == []
+    assert res["precopy-roundtrip"].status == PASS  # mtty cannot DMA: it reads what is there
     assert (
         res["error-recovery"].status == SKIP and "fault injection" in res["error-recovery"].reason
     )
@@ -97,7 +102,32 @@ def test_hisi_acc_only_departs_on_its_latched_resume_check() -> None:
     if failed:
         assert "had loaded" in failed["resume-rejects-bad-streams"]
     assert res["dma-logging-validation"].status == PASS  # ENOTTY without log ops
+    assert res["precopy-roundtrip"].status == PASS
     assert res["p2p-quiescence"].status == SKIP
+
+
+def test_lossy_precopy_passes_the_stop_copy_round_trip_and_fails_the_precopy_one() -> None:
+    # The defect drops only the data a save through PRE_COPY sends again for chunks the
+    # device changed: the STOP_COPY round trip cannot see it, and the precopy one sees it
+    # because the device DMAs between the two PRE_COPY reads.
+    res = _results("--model", "reference", "--defect", "lossy_precopy")
+    assert {n for n, r in res.items() if r.status != PASS} == {"precopy-roundtrip"}
+    reason = res["precopy-roundtrip"].reason
+    assert reason.startswith("lossy pre-copy:") and "first difference at byte" in reason
+    clean = _results("--model", "reference")["precopy-roundtrip"].reason
+    assert "the device wrote 8 pages between the PRE_COPY reads" in clean
+    assert " in PRE_COPY again" in clean and " 0 in PRE_COPY again" not in clean  # dirty data
+
+
+def test_precopy_roundtrip_without_model_hooks_reads_what_is_there() -> None:
+    # As on a real device: no way to make the device change, so no dirty data to lose.
+    target = conf.target_from_args(
+        _args("--model", "reference", "--defect", "lossy_precopy", "--check", "precopy-roundtrip")
+    )
+    target.model = None
+    (res,) = conf.run_suite(target, ["precopy-roundtrip"])
+    assert res.status == PASS and "read what it offered" in res.reason
+    assert "0 in PRE_COPY again" in res.reason
 
 
 def test_cli_exit_status_and_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -120,6 +120,41 @@ def test_host_without_vfio_says_so_and_shows_the_model(
     assert len([line for line in out if line.startswith("/dev/vfio/devices/")]) == 3
 
 
+class OnlyIommufdAt(NoVfio):
+    """A host whose one VFIO node is an iommufd at ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def exists(self, path: str) -> bool:
+        return path == self.path
+
+
+@pytest.mark.parametrize(
+    ("node", "argv", "on_linux"),
+    [
+        ("/run/iommu", ["--iommufd", "/run/iommu"], True),
+        ("/dev/iommu", ["--iommufd", "/run/iommu"], False),
+        ("/dev/iommu", [], True),
+    ],
+)
+def test_no_vfio_decision_follows_iommufd_option(
+    node: str,
+    argv: list[str],
+    on_linux: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(probe, "LinuxTransport", lambda: LinuxTransport(OnlyIommufdAt(node)))
+    assert probe.run(_args(*argv, "--json")) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["transport"] == ("linux" if on_linux else "model")
+    if on_linux:
+        assert doc["iommufd"] is True and doc["devices"] == []
+    else:
+        assert doc["note"].startswith("No VFIO on this host") and "/run/iommu" in doc["note"]
+
+
 class BusyHost(Syscalls):
     """A host with iommufd and two cdevs, one held by a VM."""
 

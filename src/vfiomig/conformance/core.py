@@ -6,7 +6,7 @@ from __future__ import annotations
 import mmap
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from errno import ENOMSG, ENOTTY
@@ -275,24 +275,53 @@ class Ctx:
                 f.write_all(chunk)
         return f
 
-    def save(self, dev: VfioDevice, via_precopy: bool = False) -> Stream:
-        """From RUNNING: the whole stream of a STOP_COPY save (STOP -> STOP_COPY), back to
-        STOP; with ``via_precopy``, PRE_COPY data first, then STOP_COPY on the same fd."""
+    def save(
+        self,
+        dev: VfioDevice,
+        via_precopy: bool = False,
+        meanwhile: Callable[[], None] | None = None,
+        phases: list[tuple[str, int]] | None = None,
+    ) -> Stream:
+        """From RUNNING (or STOP): the whole stream of a STOP_COPY save (STOP -> STOP_COPY),
+        back to STOP. With ``via_precopy`` (from RUNNING) the stream starts in PRE_COPY: what
+        is available, ``meanwhile()`` (the model makes the device change), what is available
+        again, with P2P also in PRE_COPY_P2P, then STOP_COPY on the same fd to EOF.
+        ``phases`` receives (phase, bytes read in it) in order."""
         out = self.stream()
+
+        def take(phase: str, chunks: Iterator[bytes]) -> None:
+            before = out.length
+            for c in chunks:
+                out.add(c)
+            if phases is not None:
+                phases.append((phase, out.length - before))
+
         if via_precopy:
             f = self.enter(dev, S.PRE_COPY)
             if f is None:
                 raise Fail("RUNNING -> PRE_COPY returned no data fd")
-            for c in f.chunks(READ_CHUNK):
-                out.add(c)
+            take("PRE_COPY", f.chunks(READ_CHUNK))
+            if meanwhile is not None:
+                meanwhile()
+            take("PRE_COPY again", f.chunks(READ_CHUNK))
+            if self.flags & MigrationFlags.P2P:
+                if self.set(dev, S.PRE_COPY_P2P) is not None:
+                    raise Fail(
+                        "data fd on the wrong arc: PRE_COPY -> PRE_COPY_P2P returned a data fd"
+                    )
+                take("PRE_COPY_P2P", f.chunks(READ_CHUNK))
             if self.set(dev, S.STOP_COPY) is not None:
                 raise Fail("data fd on the wrong arc: PRE_COPY -> STOP_COPY returned a new data fd")
         else:
-            self.enter(dev, S.STOP)
+            if self.state(dev) != S.STOP:
+                self.enter(dev, S.STOP)
             f = self.set(dev, S.STOP_COPY)
             if f is None:
                 raise Fail("STOP -> STOP_COPY returned no data fd")
+        before = out.length
         read_to_eof(f, out.add)
+        if phases is not None:
+            phases.append(("STOP_COPY", out.length - before))
         f.close()
         self.keep(self.set(dev, S.STOP))
         return out

@@ -23,6 +23,10 @@ Options (ModelKernel.add_device("reference", ...)):
                                a (new) saving data fd, which the uAPI forbids
       "lossy_resume"           the resuming side zeroes the last 8 bytes of every chunk it
                                receives: the restored state differs from the source's
+      "lossy_precopy"          the resuming side keeps the first copy of each chunk and drops
+                               the ones sent again: the dirty data of a save that started in
+                               PRE_COPY while the device ran (a STOP_COPY-only stream sends
+                               each chunk once and restores exactly)
       "log_misses_writes"      every 4th device DMA write is not recorded in the DMA log
       "no_einval_blocked_arc"  STOP_COPY -> PRE_COPY / PRE_COPY_P2P succeed as a direct arc
                                (the saving session continues) instead of EINVAL
@@ -82,6 +86,7 @@ DEFECTS = frozenset(
         "wrong_data_size",
         "fd_on_wrong_arc",
         "lossy_resume",
+        "lossy_precopy",
         "log_misses_writes",
         "no_einval_blocked_arc",
     }
@@ -515,6 +520,8 @@ class RefResumingFile(ResumingFile):
             self.end_steps = _END.unpack(payload)[0]
         else:
             assert self.seed is not None
+            if "lossy_precopy" in self.dev.defects and self.received[index]:
+                return  # the chunk's dirty (re-sent) data is dropped
             if "lossy_resume" in self.dev.defects:
                 payload = payload[:-8] + bytes(min(8, len(payload)))
             self.versions[index] = version

@@ -375,8 +375,9 @@ def _probe_type1(t: Transport) -> dict[str, Any]:
         return {"error": _err(e)}
 
 
-def linux_has_vfio(t: Transport) -> bool:
-    return t.exists(VFIO_DEVICES_DIR) or t.exists(VFIO_CONTAINER_PATH) or t.exists(IOMMUFD_PATH)
+def linux_has_vfio(t: Transport, iommufd_path: str = IOMMUFD_PATH) -> bool:
+    """VFIO cdevs, the legacy container or the iommufd node (``--iommufd``) exist."""
+    return t.exists(VFIO_DEVICES_DIR) or t.exists(VFIO_CONTAINER_PATH) or t.exists(iommufd_path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -504,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
     note = ""
     if not specs:
         linux = LinuxTransport()
-        if devices or linux_has_vfio(linux):
+        if devices or linux_has_vfio(linux, args.iommufd):
             report = probe_host(linux, devices or None, args.iommufd)
             code = _emit(report, args.json)
             # A device asked for by name that could not be probed is a failure; one found
@@ -513,7 +514,7 @@ def run(args: argparse.Namespace) -> int:
                 return 1
             return code
         note = (
-            f"No VFIO on this host ({VFIO_DEVICES_DIR}, {IOMMUFD_PATH} and "
+            f"No VFIO on this host ({VFIO_DEVICES_DIR}, {args.iommufd} and "
             f"{VFIO_CONTAINER_PATH} are absent); showing the model kernel's devices."
         )
         specs = [ModelSpec(k, {}) for k in DEFAULT_MODEL_DEVICES]

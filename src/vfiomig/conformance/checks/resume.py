@@ -1,11 +1,14 @@
-"""Resuming: the round trip, bad streams refused, recovery through reset and from ERROR."""
+"""Resuming: the round trips (a STOP_COPY save, a save through PRE_COPY), bad streams
+refused, recovery through reset and from ERROR."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from errno import EINVAL, ENODEV
 from functools import partial
 
+from vfiomig.conformance.checks.dma import DMA_BASE, DMA_PAGES
 from vfiomig.conformance.core import (
     CheckSpec,
     Ctx,
@@ -16,13 +19,16 @@ from vfiomig.conformance.core import (
     expect_errno,
     probe_errno,
 )
-from vfiomig.conformance.stream import corrupted, first_difference, truncated
-from vfiomig.host import VfioDevice, VfioError
+from vfiomig.conformance.stream import Stream, corrupted, first_difference, truncated
+from vfiomig.host import MigrationFlags, VfioDevice, VfioError
 from vfiomig.host.device import state_name
 from vfiomig.host.errors import MigrationStateError, errno_name
 
 CHECKS: list[CheckSpec] = []
 check = checker(CHECKS)
+
+# Pages of the DMA window the device writes between two PRE_COPY reads (on the model).
+CHANGE_PAGES = 8
 
 
 @check(
@@ -33,11 +39,42 @@ def c_roundtrip(ctx: Ctx) -> str:
     b = ctx.need_b()
     s1 = ctx.save(ctx.a)
     ctx.settle()
+    s2 = _resume_and_save(ctx, b, s1)
+    _same_bytes(s1, s2, "lossy resume", "saved")
+    return f"{s1.length} bytes, identical after resume (sha256 {s1.digest[:12]})"
+
+
+@check(
+    "precopy-roundtrip",
+    "save through PRE_COPY (the device changing between reads) -> resume on the second "
+    "device -> its STOP_COPY save equals the source's",
+)
+def c_precopy_roundtrip(ctx: Ctx) -> str:
+    ctx.need(MigrationFlags.PRE_COPY, "a save that starts in PRE_COPY")
+    b = ctx.need_b()
+    notes: list[str] = []
+    phases: list[tuple[str, int]] = []
+    with _device_changes(ctx, notes) as change:
+        s1 = ctx.save(ctx.a, via_precopy=True, meanwhile=change, phases=phases)
+    # The source, still stopped where the PRE_COPY save left it: the bytes to match.
+    ref = ctx.save(ctx.a)
+    ctx.settle()
+    s2 = _resume_and_save(ctx, b, s1)
+    _same_bytes(ref, s2, "lossy pre-copy", "in the source's STOP_COPY save")
+    read = ", ".join(f"{n} in {phase}" for phase, n in phases)
+    return (
+        f"{s1.length} bytes through PRE_COPY ({read}); the resumed device saves the source's "
+        f"{ref.length} STOP_COPY bytes (sha256 {ref.digest[:12]}); {'; '.join(notes)}"
+    )
+
+
+def _resume_and_save(ctx: Ctx, b: VfioDevice, stream: Stream) -> Stream:
+    """Resume ``stream`` on ``b`` (from RUNNING), then its STOP_COPY save."""
     r = ctx.enter(b, S.RESUMING)
     if r is None:
         raise Fail("RUNNING -> RESUMING returned no data fd")
     try:
-        for chunk in s1.chunks():
+        for chunk in stream.chunks():
             r.write_all(chunk)
     except VfioError as e:
         raise Fail(f"the second device refused the first one's stream: {e}") from e
@@ -46,14 +83,50 @@ def c_roundtrip(ctx: Ctx) -> str:
     except VfioError as e:
         raise Fail(f"RESUMING -> STOP after a complete stream failed: {e}") from e
     ctx.settle()
-    s2 = ctx.save(b)
-    if s1 != s2:
-        where = f"; first difference at byte {first_difference(s1, s2)}"
+    return ctx.save(b)
+
+
+def _same_bytes(want: Stream, got: Stream, defect: str, what: str) -> None:
+    """The resumed device's save ``got`` must be ``want``; else a Fail naming ``defect``."""
+    if want != got:
+        where = f"; first difference at byte {first_difference(want, got)}"
         raise Fail(
-            f"lossy resume: the resumed device saves different bytes ({s1.length} bytes "
-            f"saved, {s2.length} after resume{where})"
+            f"{defect}: the resumed device saves different bytes ({want.length} bytes {what}, "
+            f"{got.length} after resume{where})"
         )
-    return f"{s1.length} bytes, identical after resume (sha256 {s1.digest[:12]})"
+
+
+@contextmanager
+def _device_changes(ctx: Ctx, notes: list[str]) -> Iterator[Callable[[], None] | None]:
+    """What makes device A change while it runs in PRE_COPY: on the model, DMA into a few
+    pages of a buffer mapped for it (each write changes the device's state); on a real
+    device nothing (the save reads what the device offers)."""
+    hooks = ctx.target.model
+    if hooks is None:
+        notes.append("no way to make a real device change: read what it offered")
+        yield None
+        return
+    if ctx.attach_error:
+        notes.append(f"the device is not attached to an IOAS ({ctx.attach_error})")
+        yield None
+        return
+    length = DMA_PAGES * 4096
+    with ctx.t.mmap(length) as buf:
+        ctx.ioas.map(buf, iova=DMA_BASE)
+
+        def change() -> None:
+            try:
+                for i in range(CHANGE_PAGES):
+                    hooks.dma_write(ctx.a.path, DMA_BASE + i * 4096, bytes([0xA0 + i]) * 8)
+            except Exception as e:  # the model's own fault type: the device cannot DMA here
+                notes.append(f"the device could not DMA between the PRE_COPY reads ({e})")
+            else:
+                notes.append(f"the device wrote {CHANGE_PAGES} pages between the PRE_COPY reads")
+
+        try:
+            yield change
+        finally:
+            ctx.ioas.unmap(DMA_BASE, length)
 
 
 @check(
