@@ -168,7 +168,7 @@ def resume(dst: Host, state: bytes) -> dict[str, object]:
             f.write_all(state)
         dev.set_state(MigrationState.RUNNING)
         print(f"destination: VF resumed, now {MigrationState(dev.get_state()).name}")
-        # Read the hardware before the fd closes: the last close resets the device.
+        # Ground truth for the check, read while the destination still owns the VF.
         return dst.kernel.device(dst.path).migratable_state()
 
 
