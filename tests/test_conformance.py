@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import vfiomig.conformance as suite
 from vfiomig.conformance import runner
 from vfiomig.conformance import stream as stream_mod
 from vfiomig.host import LinuxTransport, Syscalls
@@ -17,7 +18,7 @@ from vfiomig.host.transport import IoctlArg
 from vfiomig.tools import conformance as conf
 from vfiomig.uapi import iommufd as u
 
-FAIL, PASS, SKIP = conf.FAIL, conf.PASS, conf.SKIP
+FAIL, PASS, SKIP = suite.FAIL, suite.PASS, suite.SKIP
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -26,15 +27,15 @@ def _args(*argv: str) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
-def _results(*argv: str) -> dict[str, conf.CheckResult]:
+def _results(*argv: str) -> dict[str, suite.CheckResult]:
     target = conf.target_from_args(_args(*argv))
-    return {r.name: r for r in conf.run_suite(target)}
+    return {r.name: r for r in suite.run_suite(target)}
 
 
 def test_every_check_runs_once_and_names_are_unique() -> None:
-    assert len(set(conf.CHECK_NAMES)) == len(conf.CHECK_NAMES) >= 18
+    assert len(set(suite.CHECK_NAMES)) == len(suite.CHECK_NAMES) >= 18
     res = _results("--model", "reference")
-    assert list(res) == conf.CHECK_NAMES
+    assert list(res) == suite.CHECK_NAMES
 
 
 def test_clean_reference_device_passes_everything() -> None:
@@ -125,7 +126,7 @@ def test_precopy_roundtrip_without_model_hooks_reads_what_is_there() -> None:
         _args("--model", "reference", "--defect", "lossy_precopy", "--check", "precopy-roundtrip")
     )
     target.model = None
-    (res,) = conf.run_suite(target, ["precopy-roundtrip"])
+    (res,) = suite.run_suite(target, ["precopy-roundtrip"])
     assert res.status == PASS and "read what it offered" in res.reason
     assert "0 in PRE_COPY again" in res.reason
 
@@ -169,7 +170,7 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_suite_leaves_no_fds_open() -> None:
     target = conf.target_from_args(_args("--model", "reference"))
-    conf.run_suite(target)
+    suite.run_suite(target)
     assert target.model is not None
     assert target.model.kernel.fdt.files == {}
 
@@ -216,33 +217,33 @@ def test_large_streams_spill_to_a_file_and_still_compare(monkeypatch: pytest.Mon
 
 
 def test_stream_helpers() -> None:
-    a, b = conf.Stream(), conf.Stream()
+    a, b = suite.Stream(), suite.Stream()
     for s in (a, b):
         s.add(b"0123456789")
-    assert a == b and conf.first_difference(a, b) == 10
+    assert a == b and suite.first_difference(a, b) == 10
     b.add(b"x")
-    assert a != b and conf.first_difference(a, b) == 10
-    c = conf.Stream()
+    assert a != b and suite.first_difference(a, b) == 10
+    c = suite.Stream()
     c.add(b"0123")
     c.add(b"4X6789")
-    assert conf.first_difference(a, c) == 5
-    assert b"".join(conf.truncated(a)) == b"01234"
-    assert b"".join(conf.corrupted(a)) == bytes(x ^ 0xFF for x in b"01234567") + b"89"
+    assert suite.first_difference(a, c) == 5
+    assert b"".join(suite.truncated(a)) == b"01234"
+    assert b"".join(suite.corrupted(a)) == bytes(x ^ 0xFF for x in b"01234567") + b"89"
 
 
 def test_kernel_release_parsing() -> None:
-    assert conf.kernel_release_at_least("7.2.0", 7, 2)
-    assert conf.kernel_release_at_least("7.10.1-arch1", 7, 2)
-    assert conf.kernel_release_at_least("8.0", 7, 2)
-    assert not conf.kernel_release_at_least("6.12.58-generic", 7, 2)
-    assert not conf.kernel_release_at_least("7.1.9", 7, 2)
-    assert not conf.kernel_release_at_least("weird", 7, 2)
+    assert suite.kernel_release_at_least("7.2.0", 7, 2)
+    assert suite.kernel_release_at_least("7.10.1-arch1", 7, 2)
+    assert suite.kernel_release_at_least("8.0", 7, 2)
+    assert not suite.kernel_release_at_least("6.12.58-generic", 7, 2)
+    assert not suite.kernel_release_at_least("7.1.9", 7, 2)
+    assert not suite.kernel_release_at_least("weird", 7, 2)
 
 
 def test_blocked_arcs_are_skipped_when_unsafe() -> None:
     target = conf.target_from_args(_args("--model", "reference", "--check", "fsm-blocked-arcs"))
     target.blocked_arcs_safe = False
-    (res,) = conf.run_suite(target, ["fsm-blocked-arcs"])
+    (res,) = suite.run_suite(target, ["fsm-blocked-arcs"])
     assert res.status == SKIP and "hang" in res.reason
 
 
@@ -253,7 +254,7 @@ def test_device_without_migration_fails_one_check_and_skips_the_rest() -> None:
     assert res["migration-flags"].status == FAIL
     assert "does not support migration" in res["migration-flags"].reason
     assert res["dma-logging-validation"].status == PASS
-    others = {n: r for n, r in res.items() if n not in conf.WITHOUT_MIGRATION}
+    others = {n: r for n, r in res.items() if n not in suite.WITHOUT_MIGRATION}
     assert {r.status for r in others.values()} == {SKIP}
     assert all("does not support migration" in r.reason for r in others.values())
 
@@ -297,8 +298,8 @@ def test_a_device_that_cannot_be_opened_is_one_clear_failure(
     missing: set[str], busy: set[str], phrase: str
 ) -> None:
     host = _Host(missing, busy)
-    target = conf.Target(LinuxTransport(host), "/dev/vfio/devices/vfio3", None)
-    (res,) = conf.run_suite(target)
+    target = suite.Target(LinuxTransport(host), "/dev/vfio/devices/vfio3", None)
+    (res,) = suite.run_suite(target)
     assert (res.name, res.status) == ("setup", FAIL)
     assert "cannot open the device" in res.reason and phrase in res.reason
     assert host.fds == set()  # what was opened before the failure is closed again
@@ -332,7 +333,7 @@ def test_pair_options_reach_the_model() -> None:
     # MIN/MAX options are parsed into the pair the device expects (a 64 KiB minimum log
     # page: the report check then negotiates 64 KiB and skips as too coarse).
     target = conf.target_from_args(_args("--model", "reference:log_page_shift=16/21"))
-    (res,) = conf.run_suite(target, ["dma-logging-report"])
+    (res,) = suite.run_suite(target, ["dma-logging-report"])
     assert res.status == PASS and "at 0x10000" in res.reason
 
 
@@ -343,25 +344,25 @@ def test_a_teardown_failure_keeps_the_setup_result() -> None:
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
             return super().ioctl(fd, request, arg)
 
-    target = conf.Target(
+    target = suite.Target(
         LinuxTransport(NoDestroy({"/dev/vfio/devices/vfio3"})), "/dev/vfio/devices/vfio3", None
     )
-    res = conf.run_suite(target)
+    res = suite.run_suite(target)
     assert [(r.name, r.status) for r in res] == [("setup", FAIL), ("teardown", FAIL)]
 
 
 def test_an_internal_error_says_where_and_keeps_the_traceback_for_json(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def broken(ctx: conf.Ctx) -> str:
+    def broken(ctx: suite.Ctx) -> str:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(runner, "CHECKS", [("broken", "a check with a bug", broken)])
     target = conf.target_from_args(_args("--model", "reference"))
-    (res,) = conf.run_suite(target)
+    (res,) = suite.run_suite(target)
     assert res.status == FAIL and res.reason.startswith("internal error: RuntimeError: boom (at ")
     assert "test_conformance.py:" in res.reason
-    text = conf.render([res], "x")
+    text = suite.render([res], "x")
     assert "Traceback" not in text and "boom" in text  # the table stays one line per check
     doc = res.as_dict()
     assert (
