@@ -17,6 +17,7 @@ The oracle is written from the rules, not from the implementation:
 from __future__ import annotations
 
 import ctypes
+import errno
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -225,3 +226,27 @@ def test_random_commands_only_raise_oserror(data: st.DataObject) -> None:
     f.k.close(f.fd)
     d.close()
     m.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 64), st.integers(0, 64)), max_size=12))
+def test_allow_iovas_rejects_exactly_what_a_pairwise_check_rejects(
+    ranges: list[tuple[int, int]],
+) -> None:
+    """iommufd_ioas_load_iovas: a range with start >= last, or one meeting any earlier
+    range, is EINVAL; the oracle is the plain pairwise test, the model uses a sorted index."""
+    scaled = [(s * K4, e * K4 + K4 - 1 if e > s else e * K4) for s, e in ranges]
+    bad = any(s >= e for s, e in scaled) or any(
+        s1 <= e2 and e1 >= s2 for i, (s1, e1) in enumerate(scaled) for s2, e2 in scaled[:i]
+    )
+    f = Iommufd()
+    ioas = f.ioas_alloc()
+    if bad:
+        try:
+            f.allow(ioas, scaled)
+        except OSError as e:
+            assert e.errno == errno.EINVAL
+        else:
+            raise AssertionError(f"{scaled} accepted")
+    else:
+        f.allow(ioas, scaled)

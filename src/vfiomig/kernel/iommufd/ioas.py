@@ -7,6 +7,7 @@ iopt_* work, respond.
 
 from __future__ import annotations
 
+import bisect
 import struct
 from errno import EFAULT, EINVAL, EMSGSIZE, ENOENT, EOPNOTSUPP, EOVERFLOW
 from typing import TYPE_CHECKING
@@ -120,6 +121,10 @@ def _load_iovas(ucmd: Ucmd, ptr: int, num: int) -> list[tuple[int, int]]:
     """iommufd_ioas_load_iovas: each start < last, no two overlapping (EINVAL)."""
     mm = ucmd.ictx.kernel.mm
     loaded: list[tuple[int, int]] = []
+    # The kernel's interval tree, as sorted starts and lasts of disjoint ranges: an overlap
+    # with any earlier range is a neighbour test, so a long list costs n log n, not n^2.
+    starts: list[int] = []
+    lasts: list[int] = []
     for i in range(num):
         try:
             start, last = _RANGE.unpack(user_read(mm, ptr + i * _RANGE.size, _RANGE.size))
@@ -127,8 +132,11 @@ def _load_iovas(ucmd: Ucmd, ptr: int, num: int) -> list[tuple[int, int]]:
             raise err(EFAULT) from None
         if start >= last:
             raise err(EINVAL)
-        if any(s <= last and e >= start for s, e in loaded):
-            raise err(EINVAL)
+        k = bisect.bisect_left(starts, start)
+        if (k < len(starts) and starts[k] <= last) or (k > 0 and lasts[k - 1] >= start):
+            raise err(EINVAL)  # interval_tree_iter_first found an overlap
+        starts.insert(k, start)
+        lasts.insert(k, last)
         loaded.append((start, last))
     return loaded
 
