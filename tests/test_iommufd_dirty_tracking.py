@@ -155,7 +155,9 @@ def test_set_dirty_tracking(variant: tuple[str, int, bool]) -> None:
     d = t.f.dev()
     d.attach(hwpt_id)
     t.f.set_dirty(hwpt_id, True)
+    assert d.hw.domain.dirty_tracking  # beyond the selftest: the hardware really toggled
     t.f.set_dirty(hwpt_id, False)
+    assert not d.hw.domain.dirty_tracking
     d.close()
     t.f.destroy(hwpt_id)
 
