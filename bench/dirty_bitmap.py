@@ -30,7 +30,7 @@ from vfiomig.uapi import vfio as v
 TIB = 1 << 40
 PAGE = 4096
 NPAGES = TIB // PAGE
-BASE = 1 << 32
+BASE = 1 << 40  # above every vendor's reserved IOVA (AMD's HyperTransport range ends at 1 TiB)
 
 
 def sized(cls: type, **fields: int) -> Any:

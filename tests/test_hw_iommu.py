@@ -72,7 +72,6 @@ def test_unknown_vendor_is_refused() -> None:
     with pytest.raises(ValueError):
         Iommu("rockchip")
     assert VENDORS == ("smmuv3", "vtd", "amd")
-    assert Iommu("vtd").kind == "vtd"
 
 
 @pytest.mark.parametrize("vendor", VENDORS)
@@ -324,6 +323,12 @@ def test_flush_all_and_enable_flush_drop_cached_entries() -> None:
     dom.dma(dev, IOVA, 1, write=True)
     dirty_pages(dom, IOVA, 8 * K4, clear=True)
     dom.flush_all()
+    dom.dma(dev, IOVA, 1, write=True)
+    assert dirty_pages(dom, IOVA, 8 * K4) == [0]
+    # the same through SSADE: turning tracking off and on flushes the domain's caches
+    dirty_pages(dom, IOVA, 8 * K4, clear=True)  # cached writable-dirty, no iotlb_sync
+    dom.set_dirty_tracking(False)
+    dom.set_dirty_tracking(True)
     dom.dma(dev, IOVA, 1, write=True)
     assert dirty_pages(dom, IOVA, 8 * K4) == [0]
 

@@ -54,19 +54,22 @@ class World:
     def e(self, req: int, cmd: Any) -> int:
         return self.f.err(req, cmd)
 
+    def cmd(self, req: int, cls: Any, defaults: dict[str, Any], kw: dict[str, Any]) -> int:
+        """The errno of `req` with a `cls` command: the case's fields over the defaults."""
+        return self.e(req, sized(cls, **{**defaults, **kw}))
+
     def map(self, **kw: Any) -> int:
-        fields: dict[str, Any] = {
+        defaults = {
             "flags": RW | FIXED,
             "ioas_id": self.ioas,
             "user_va": self.other,
             "length": K4,
             "iova": BASE + 64 * K4,
         }
-        fields.update(kw)
-        return self.e(u.IOMMU_IOAS_MAP, sized(u.iommu_ioas_map, **fields))
+        return self.cmd(u.IOMMU_IOAS_MAP, u.iommu_ioas_map, defaults, kw)
 
     def copy(self, **kw: Any) -> int:
-        fields: dict[str, Any] = {
+        defaults = {
             "flags": RW | FIXED,
             "dst_ioas_id": self.ioas,
             "src_ioas_id": self.ioas,
@@ -74,67 +77,53 @@ class World:
             "dst_iova": BASE + 64 * K4,
             "src_iova": BASE,
         }
-        fields.update(kw)
-        return self.e(u.IOMMU_IOAS_COPY, sized(u.iommu_ioas_copy, **fields))
+        return self.cmd(u.IOMMU_IOAS_COPY, u.iommu_ioas_copy, defaults, kw)
 
     def unmap(self, **kw: Any) -> int:
-        fields: dict[str, Any] = {"ioas_id": self.ioas, "iova": BASE, "length": 16 * K4}
-        fields.update(kw)
-        return self.e(u.IOMMU_IOAS_UNMAP, sized(u.iommu_ioas_unmap, **fields))
+        defaults = {"ioas_id": self.ioas, "iova": BASE, "length": 16 * K4}
+        return self.cmd(u.IOMMU_IOAS_UNMAP, u.iommu_ioas_unmap, defaults, kw)
 
     def dirty(self, **kw: Any) -> int:
-        fields: dict[str, Any] = {
+        defaults = {
             "hwpt_id": self.hwpt,
             "iova": BASE,
             "length": 16 * K4,
             "page_size": K4,
             "data": self.bitmap,
         }
-        fields.update(kw)
-        return self.e(u.IOMMU_HWPT_GET_DIRTY_BITMAP, sized(u.iommu_hwpt_get_dirty_bitmap, **fields))
+        return self.cmd(u.IOMMU_HWPT_GET_DIRTY_BITMAP, u.iommu_hwpt_get_dirty_bitmap, defaults, kw)
 
     def set_dirty(self, **kw: Any) -> int:
-        fields: dict[str, Any] = {"flags": 1, "hwpt_id": self.hwpt}
-        fields.update(kw)
-        return self.e(
-            u.IOMMU_HWPT_SET_DIRTY_TRACKING, sized(u.iommu_hwpt_set_dirty_tracking, **fields)
+        defaults = {"flags": 1, "hwpt_id": self.hwpt}
+        return self.cmd(
+            u.IOMMU_HWPT_SET_DIRTY_TRACKING, u.iommu_hwpt_set_dirty_tracking, defaults, kw
         )
 
     def hwpt_alloc(self, **kw: Any) -> int:
-        fields: dict[str, Any] = {"dev_id": self.dev.devid, "pt_id": self.ioas}
-        fields.update(kw)
-        return self.e(u.IOMMU_HWPT_ALLOC, sized(u.iommu_hwpt_alloc, **fields))
+        defaults = {"dev_id": self.dev.devid, "pt_id": self.ioas}
+        return self.cmd(u.IOMMU_HWPT_ALLOC, u.iommu_hwpt_alloc, defaults, kw)
 
     def hw_info(self, **kw: Any) -> int:
-        fields: dict[str, Any] = {"dev_id": self.dev.devid}
-        fields.update(kw)
-        return self.e(u.IOMMU_GET_HW_INFO, sized(u.iommu_hw_info, **fields))
+        return self.cmd(u.IOMMU_GET_HW_INFO, u.iommu_hw_info, {"dev_id": self.dev.devid}, kw)
 
     def option(self, **kw: Any) -> int:
-        fields: dict[str, Any] = {
+        defaults = {
             "option_id": u.IOMMU_OPTION_HUGE_PAGES,
             "op": u.IOMMU_OPTION_OP_GET,
             "object_id": self.ioas,
         }
-        fields.update(kw)
-        return self.e(u.IOMMU_OPTION, sized(u.iommu_option, **fields))
+        return self.cmd(u.IOMMU_OPTION, u.iommu_option, defaults, kw)
 
     def ranges(self, **kw: Any) -> int:
-        fields: dict[str, Any] = {"ioas_id": self.ioas, "num_iovas": 4, "allowed_iovas": self.other}
-        fields.update(kw)
-        return self.e(u.IOMMU_IOAS_IOVA_RANGES, sized(u.iommu_ioas_iova_ranges, **fields))
+        defaults = {"ioas_id": self.ioas, "num_iovas": 4, "allowed_iovas": self.other}
+        return self.cmd(u.IOMMU_IOAS_IOVA_RANGES, u.iommu_ioas_iova_ranges, defaults, kw)
 
     def allow(self, ranges: list[tuple[int, int]], **kw: Any) -> int:
         raw = b"".join(s.to_bytes(8, "little") + e.to_bytes(8, "little") for s, e in ranges)
         if raw:
             self.k.mm.write(self.other, raw)
-        fields: dict[str, Any] = {
-            "ioas_id": self.ioas,
-            "num_iovas": len(ranges),
-            "allowed_iovas": self.other,
-        }
-        fields.update(kw)
-        return self.e(u.IOMMU_IOAS_ALLOW_IOVAS, sized(u.iommu_ioas_allow_iovas, **fields))
+        defaults = {"ioas_id": self.ioas, "num_iovas": len(ranges), "allowed_iovas": self.other}
+        return self.cmd(u.IOMMU_IOAS_ALLOW_IOVAS, u.iommu_ioas_allow_iovas, defaults, kw)
 
     def bind_e(self, fd: int, **kw: Any) -> int:
         b = v.vfio_device_bind_iommufd(argsz=ctypes.sizeof(v.vfio_device_bind_iommufd))

@@ -3,7 +3,6 @@ bits per page and no loop per page (kernel-uapi.md / issue 4, item 4)."""
 
 from __future__ import annotations
 
-import time
 import tracemalloc
 
 import numpy as np
@@ -14,7 +13,6 @@ NPAGES = TIB // K4
 
 
 def test_one_tib_at_4k_ioptes() -> None:
-    t0 = time.perf_counter()
     tracemalloc.start()
     try:
         f = Iommufd(vendor="vtd")
@@ -42,9 +40,10 @@ def test_one_tib_at_4k_ioptes() -> None:
     got = np.flatnonzero(np.unpackbits(bmem, bitorder="little"))
     run = range(5 * M2 // K4, 8 * M2 // K4)
     assert got.tolist() == sorted(set(pages) | set(run))
-    # A few bits per page: the page table's per-page state (dirty + IOTLB bits) and the
-    # 32 MiB user bitmap; nothing near a byte per page (256 MiB) or 1 TiB of memory.
-    assert d.hw.domain.nbytes * 8 / NPAGES <= 4
+    # Two bits per page in the page table (dirty + IOTLB; the 16 GiB chunks at both ends
+    # add a little), the 32 MiB user bitmap besides; nothing near a byte per page (256 MiB)
+    # or 1 TiB of memory.
+    assert d.hw.domain.nbytes * 8 / NPAGES < 2.1
     assert peak < 200 << 20, f"peak {peak >> 20} MiB"
     # cleared on a read without NO_CLEAR, then nothing is left
     bmem[:] = 0
@@ -53,9 +52,7 @@ def test_one_tib_at_4k_ioptes() -> None:
     bmem[:] = 0
     f.get_dirty(hwpt, BASE, TIB, K4, bm)
     assert not bmem.any()
-    # an unmap of the whole TiB and teardown stay cheap too
     assert f.unmap(ioas, BASE, TIB) == TIB
-    assert time.perf_counter() - t0 < 30
 
 
 def test_one_tib_at_2m_granule_and_huge_leaves() -> None:

@@ -10,8 +10,8 @@ literal words worked out by hand.
 from __future__ import annotations
 
 import errno
-import time
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,6 +32,7 @@ from test_type1_support import (
 
 from vfiomig.hw.iommu import IommuFault
 from vfiomig.kernel import ModelKernel
+from vfiomig.kernel.vfio_iommu_type1 import bitmap_clear, bitmap_set, bitmap_zalloc
 from vfiomig.uapi import vfio as v
 
 BASE = 0x4000_0000
@@ -260,6 +261,20 @@ def test_reports_equal_the_oracle(
         assert words_of(mem, nwords * 8) == oracle.report(garbage, BASE, all_dirty=passthrough)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 200), st.integers(-1, 130)), max_size=8))
+def test_bitmap_set_and_clear_on_words_equal_a_bool_array(
+    ops: list[tuple[bool, int, int]],
+) -> None:
+    """lib/bitmap.c bitmap_set / bitmap_clear on the u64 words of a mapping's bitmap."""
+    bm, want = bitmap_zalloc(331), np.zeros((331 + 63) // 64 * 64 + 64, bool)
+    for setting, start, n in ops:
+        (bitmap_set if setting else bitmap_clear)(bm, start, n)
+        want[start : start + max(n, 0)] = setting
+    words = [int(w) for w in bm]
+    assert words == bits_to_words(set(np.flatnonzero(want).tolist()), len(words))
+
+
 def test_oracle_agrees_with_a_plain_reading_of_the_rule() -> None:
     """The oracle itself, on a case small enough to read: two mappings sharing word 0."""
     user = [0xF0F0, 0xAAAA]
@@ -344,14 +359,12 @@ def test_one_tib_passthrough_guest_reports_in_whole() -> None:
     lg = Legacy(ModelKernel())
     size = 1 << 40
     lg.map(1 << 40, size, backed=False)
-    t0 = time.perf_counter()
     lg.dirty(START)
     nbytes = size // PAGE // 8
     addr, mem = lg.bitmap(nbytes)
     lg.ioctl(v.VFIO_IOMMU_DIRTY_PAGES, lg.get_bitmap_buf(1 << 40, size, addr, nbytes))
     assert bool((mem[:nbytes] == 0xFF).all())
     lg.hw().dma_write((1 << 40) + (5 << 30), 1 << 20)  # a length-only DMA into it works
-    assert time.perf_counter() - t0 < 10
 
 
 def test_more_than_int_max_pages_cannot_be_tracked() -> None:

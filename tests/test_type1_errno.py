@@ -21,6 +21,7 @@ from test_type1_support import (
     START,
     STOP,
     Legacy,
+    bitmap_cmd,
     errno_of,
     int_buf,
 )
@@ -45,6 +46,23 @@ def ctx(kinds: tuple[str, ...] = ("reference",), iommu: int = v.VFIO_TYPE1v2_IOM
     lg = Legacy(ModelKernel(), kinds, iommu_type=iommu)
     lg.map(M, 4 * PAGE)
     return lg
+
+
+def bitmap_case(req: int, case: dict[str, Any]) -> tuple[Legacy, bytearray, int]:
+    """One UNMAP_DMA or DIRTY_PAGES call on ctx(): the case's fields over the defaults
+    (the 4-page mapping at M, a 4 KiB granule, an 8-byte bitmap in a fresh user page,
+    "unbacked" to give that page no bytes), tracking started unless "start" is False.
+    Returns the container, the buffer as the kernel left it and the errno."""
+    lg = ctx()
+    f = {"iova": M, "size": 4 * PAGE, "pgsize": PAGE, "bsize": 8, "start": True, **case}
+    bitmap, _ = lg.k.mmap(PAGE, backed=not f.pop("unbacked", False))
+    f.setdefault("data", bitmap)
+    if f.pop("start"):
+        lg.dirty(START)
+    buf = bitmap_cmd(
+        f["argsz"], f["flags"], f["iova"], f["size"], f["pgsize"], f["bsize"], f["data"]
+    )
+    return lg, buf, errno_of(lg.ioctl, req, buf)
 
 
 # -- VFIO_IOMMU_MAP_DMA ---------------------------------------------------------------------
@@ -150,41 +168,15 @@ UNMAP_CASES: list[tuple[str, dict[str, Any], int]] = [
 
 @pytest.mark.parametrize(("case", "fields", "want"), UNMAP_CASES, ids=[c[0] for c in UNMAP_CASES])
 def test_unmap_dma_errno(case: str, fields: dict[str, Any], want: int) -> None:
-    lg = ctx()
-    bitmap, _ = lg.k.mmap(PAGE)
-    f = {
-        "argsz": 24,
-        "flags": 0,
-        "iova": M,
-        "size": 4 * PAGE,
-        "pgsize": PAGE,
-        "bsize": 8,
-        "data": bitmap,
-        "start": True,
-    }
-    f.update(fields)
-    if f["flags"] & GET_DIRTY and "argsz" not in fields:
-        f["argsz"] = 48
-    if f.pop("start"):
-        lg.dirty(START)
-    buf = bytearray(
-        struct.pack(
-            "<IIQQQQQ",
-            f["argsz"],
-            f["flags"],
-            f["iova"],
-            f["size"],
-            f["pgsize"],
-            f["bsize"],
-            f["data"],
-        )
-    )
-    assert errno_of(lg.ioctl, v.VFIO_IOMMU_UNMAP_DMA, buf) == want, case
+    flags = fields.get("flags", 0)
+    f = {"argsz": 48 if flags & GET_DIRTY else 24, "flags": 0, **fields}
+    lg, buf, got = bitmap_case(v.VFIO_IOMMU_UNMAP_DMA, f)
+    assert got == want, case
     size_back = struct.unpack_from("<Q", buf, 16)[0]
     if want:
-        assert size_back == f["size"]  # nothing is copied back on failure
+        assert size_back == f.get("size", 4 * PAGE)  # nothing is copied back on failure
         assert lg.unmap(M, 4 * PAGE) == 4 * PAGE  # and the mapping is still there
-    elif f["iova"] == M or f["flags"] & ALL:
+    elif f.get("iova", M) == M or flags & ALL:
         assert size_back == 4 * PAGE
     else:
         assert size_back == 0
@@ -270,34 +262,8 @@ DIRTY_CASES: list[tuple[str, dict[str, Any], int]] = [
 
 @pytest.mark.parametrize(("case", "fields", "want"), DIRTY_CASES, ids=[c[0] for c in DIRTY_CASES])
 def test_dirty_pages_errno(case: str, fields: dict[str, Any], want: int) -> None:
-    lg = ctx()
-    bitmap, _ = lg.k.mmap(PAGE, backed=not fields.pop("unbacked", False))
-    f = {
-        "argsz": 48,
-        "flags": GET_BITMAP,
-        "iova": M,
-        "size": 4 * PAGE,
-        "pgsize": PAGE,
-        "bsize": 8,
-        "data": bitmap,
-        "start": True,
-    }
-    f.update(fields)
-    if f.pop("start"):
-        lg.dirty(START)
-    buf = bytearray(
-        struct.pack(
-            "<IIQQQQQ",
-            f["argsz"],
-            f["flags"],
-            f["iova"],
-            f["size"],
-            f["pgsize"],
-            f["bsize"],
-            f["data"],
-        )
-    )
-    assert errno_of(lg.ioctl, v.VFIO_IOMMU_DIRTY_PAGES, buf) == want, case
+    f = {"argsz": 48, "flags": GET_BITMAP, **fields}
+    assert bitmap_case(v.VFIO_IOMMU_DIRTY_PAGES, f)[2] == want, case
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,17 @@ def add_device(k: ModelKernel, kind: str) -> str:
         del DRIVERS[kind]
 
 
+def bitmap_cmd(
+    argsz: int, flags: int, iova: int, size: int, pgsize: int, bsize: int, data: int
+) -> bytearray:
+    """The 48 bytes of both type1 commands that carry a user bitmap, packed raw so that any
+    field may be wrong: VFIO_IOMMU_UNMAP_DMA (header {argsz, flags, iova, size}, then a
+    struct vfio_bitmap {pgsize, size, data}) and VFIO_IOMMU_DIRTY_PAGES (header {argsz,
+    flags}, then vfio_iommu_type1_dirty_bitmap_get {iova, size, bitmap}): the same fields
+    in the same order."""
+    return bytearray(struct.pack("<IIQQQQQ", argsz, flags, iova, size, pgsize, bsize, data))
+
+
 def int_buf(value: int) -> ctypes.Array[ctypes.c_int32]:
     return (ctypes.c_int32 * 1)(value)
 
@@ -222,7 +233,7 @@ class Legacy:
         """UNMAP_DMA with GET_DIRTY_BITMAP: the header, then a struct vfio_bitmap."""
         if flags is None:
             flags = v.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP
-        return bytearray(struct.pack("<IIQQQQQ", argsz, flags, iova, size, pgsize, bsize, data))
+        return bitmap_cmd(argsz, flags, iova, size, pgsize, bsize, data)
 
     def unmap_dirty(self, iova: int, size: int, data: int, bsize: int) -> int:
         """UNMAP_DMA + GET_DIRTY_BITMAP; returns the size written back."""

@@ -8,12 +8,9 @@ is recorded in `faults` and raises IommuFault.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from vfiomig.hw.dma import dma_read, dma_write
+from vfiomig.hw.iommu import Domain, IommuFault
 from vfiomig.hw.memory import Memory
-
-if TYPE_CHECKING:
-    from vfiomig.hw.iommu import Domain
 
 
 class DmaDevice:
@@ -24,36 +21,25 @@ class DmaDevice:
         self.faults: list[tuple[int, bool, str]] = []  # (iova, write, reason)
 
     def _domain(self, iova: int, write: bool) -> Domain:
-        from vfiomig.hw.iommu import IommuFault
-
         if self.domain is None:
             # No translation at all: on real hardware the IOMMU blocks the transaction.
-            self.faults.append((iova, write, "no domain attached"))
             raise IommuFault(iova, write, "no domain attached")
         return self.domain
 
     def dma_write(self, iova: int, data: bytes | int) -> None:
         """A DMA write of `data` (or of an int length, for unbacked memory) at `iova`."""
-        from vfiomig.hw.dma import dma_write
-        from vfiomig.hw.iommu import IommuFault
-
         try:
             dma_write(self._domain(iova, True), self.mem, self, iova, data)
         except IommuFault as fault:
-            if fault.reason != "no domain attached":
-                self.faults.append((fault.iova, True, fault.reason))
+            self.faults.append((fault.iova, True, fault.reason))
             raise
         self.on_dma_write(iova, data if isinstance(data, int) else len(data))
 
     def dma_read(self, iova: int, length: int) -> bytes:
-        from vfiomig.hw.dma import dma_read
-        from vfiomig.hw.iommu import IommuFault
-
         try:
             return dma_read(self._domain(iova, False), self.mem, self, iova, length)
         except IommuFault as fault:
-            if fault.reason != "no domain attached":
-                self.faults.append((fault.iova, False, fault.reason))
+            self.faults.append((fault.iova, False, fault.reason))
             raise
 
     def on_dma_write(self, iova: int, length: int) -> None:

@@ -113,10 +113,6 @@ class Iommu:
         self.bbml2 = bbml2  # SMMUv3 FEAT_BBML2: block <-> table changes without an invalid window
         self.dirty_capable = dirty  # IOMMU_CAP_DIRTY_TRACKING (HTTU-HD, SSADS, EFR HD)
 
-    @property
-    def kind(self) -> str:
-        return self.vendor
-
     def domain_alloc(self, *, dirty_tracking: bool) -> Domain:
         """domain_alloc_paging_flags: dirty_tracking = IOMMU_HWPT_ALLOC_DIRTY_TRACKING."""
         if dirty_tracking and not self.dirty_capable:
@@ -151,9 +147,6 @@ class Domain:
     def nbytes(self) -> int:
         """Memory held by the per-page and per-block arrays."""
         return self.pt.nbytes + self.tlb.nbytes
-
-    def mappings(self) -> list[Extent]:
-        return list(self.pt.extents)
 
     # -- devices and dirty-tracking control ------------------------------------------------
 
@@ -224,7 +217,9 @@ class Domain:
         if length == 0 or first is None or first[0] != iova:
             return 0
         stop = self.pt.extents.run_end(iova, iova + length)
-        lstart, lsize = self.pt.leaf(stop - 1) or (stop, 0)
+        last = self.pt.leaf(stop - 1)  # stop - 1 is inside the mapped run from iova
+        assert last is not None
+        lstart, lsize = last
         if lstart + lsize > stop:
             stop = lstart if self.vendor == "smmuv3" else lstart + lsize
         if stop > iova:

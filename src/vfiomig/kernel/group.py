@@ -69,13 +69,7 @@ class VfioGroup:
     def dma_owner_claimed_elsewhere(self) -> bool:
         """iommu_group_dma_owner_claimed() by someone other than this group: a device of
         the group bound to an iommufd through its cdev (iommu_device_claim_dma_owner)."""
-        return any(
-            isinstance(f, VfioDeviceFile)
-            and f.group is None
-            and f.access_granted
-            and f.device in self.devices
-            for f in self.kernel.fdt.files.values()
-        )
+        return self.cdev_device_open_cnt() > 0
 
     def cdev_device_open_cnt(self) -> int:
         """group->cdev_device_open_cnt: cdev fds bound on devices of this group.
@@ -292,8 +286,3 @@ def vfio_device_group_unuse_iommu(device: VfioDevice) -> None:
         gf.refs -= 1
         if gf.refs == 0:
             gf.release()
-
-
-def vfio_device_has_container(device: VfioDevice) -> bool:
-    group = vfio_group_of(device)
-    return group is not None and group.container is not None

@@ -54,10 +54,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from vfiomig.hw.io_pgtable import byte_parts
 from vfiomig.hw.memory import PAGE_SIZE, TASK_SIZE_MAX
 from vfiomig.kernel.bitops import U64_MAX
 from vfiomig.kernel.bitops import __ffs as _ffs
 from vfiomig.kernel.errors import err
+from vfiomig.kernel.iommufd.io_pagetable import Geometry
+from vfiomig.kernel.iommufd.iommu_drivers import (
+    IOMMU_RESV_DIRECT_RELAXABLE,
+    ResvRegion,
+    iommu_driver,
+)
 from vfiomig.kernel.uaccess import UserArg
 from vfiomig.uapi import vfio as v
 
@@ -108,10 +115,6 @@ _DIRTY_FLAGS = (
     | v.VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP
 )
 
-# Reserved-region types (enum iommu_resv_type); DIRECT_RELAXABLE ones do not restrict IOVA.
-IOMMU_RESV_DIRECT, IOMMU_RESV_DIRECT_RELAXABLE, IOMMU_RESV_RESERVED = 0, 1, 2
-IOMMU_RESV_MSI, IOMMU_RESV_SW_MSI = 3, 4
-
 
 def _pgshift_of(pgsize: int) -> int:
     """__ffs(bitmap.pgsize). __ffs(0) is undefined in the kernel; the model says EINVAL."""
@@ -145,21 +148,18 @@ def bitmap_zalloc(nbits: int) -> npt.NDArray[np.uint64]:
 
 
 def _bitmap_range(bm: npt.NDArray[np.uint64], start: int, n: int, value: bool) -> None:
+    """Bits [start, start + n) of the little-endian words, through their bytes: the same
+    head byte / whole bytes / tail byte split the hw's packed bits use (byte_parts)."""
     if n <= 0:
         return
-    end = start + n
-    w0, b0 = divmod(start, 64)
-    w1, b1 = divmod(end, 64)
-    lo = np.uint64(U64_MAX ^ ((1 << b0) - 1))  # bits b0..63
-    hi = np.uint64((1 << b1) - 1)  # bits 0..b1-1
-    if w0 == w1:
-        mask = lo & hi
-        bm[w0] = (bm[w0] | mask) if value else (bm[w0] & ~mask)
-        return
-    bm[w0] = (bm[w0] | lo) if value else (bm[w0] & ~lo)
-    bm[w0 + 1 : w1] = np.uint64(U64_MAX) if value else np.uint64(0)
-    if b1:
-        bm[w1] = (bm[w1] | hi) if value else (bm[w1] & ~hi)
+    b = bm.view(np.uint8)
+    for sl, m in byte_parts(start, start + n):
+        if m == 0xFF:
+            b[sl] = 0xFF if value else 0
+        elif value:
+            b[sl] |= m
+        else:
+            b[sl] &= ~m & 0xFF
 
 
 def bitmap_set(bm: npt.NDArray[np.uint64], start: int, n: int) -> None:
@@ -176,11 +176,6 @@ def bitmap_set_bits(bm: npt.NDArray[np.uint64], bits: npt.NDArray[np.int64]) -> 
     """bitmap_set(bm, b, 1) for every b in `bits`, at once."""
     if bits.size:
         np.bitwise_or.at(bm, bits >> 6, np.left_shift(np.uint64(1), (bits & 63).astype(_U64)))
-
-
-def bitmap_to_bits(bm: npt.NDArray[np.uint64], nbits: int) -> npt.NDArray[np.bool_]:
-    """The first nbits bits as booleans (for tests and diagnostics)."""
-    return np.unpackbits(bm.view(np.uint8), bitorder="little")[:nbits].astype(bool)
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,33 +252,6 @@ def _hw_map(domain: Domain, dma: VfioDma) -> None:
         write=bool(dma.prot & IOMMU_WRITE),
         huge=True,
     )
-
-
-# Per IOMMU vendor, what the IOMMU driver tells type1 about a domain and a group:
-# domain->geometry (aperture, inclusive) and iommu_get_group_resv_regions()
-# [(start, length, type)]: the x86 interrupt-remapping window (IOMMU_RESV_MSI), AMD's
-# HyperTransport hole, the SMMUv3 software MSI window (MSI_IOVA_BASE, IOMMU_RESV_SW_MSI).
-_APERTURE: dict[str, tuple[int, int]] = {
-    "smmuv3": (0, (1 << 48) - 1),  # 48-bit stage-1 input size
-    "vtd": (0, (1 << 48) - 1),  # 4-level second stage
-    "amd": (0, U64_MAX),  # v1 page table: dma_max_address(PD_MODE_V1)
-}
-_RESV_REGIONS: dict[str, list[tuple[int, int, int]]] = {
-    "smmuv3": [(0x800_0000, 0x10_0000, IOMMU_RESV_SW_MSI)],
-    "vtd": [(0xFEE0_0000, 0x10_0000, IOMMU_RESV_MSI)],
-    "amd": [
-        (0xFEE0_0000, 0x10_0000, IOMMU_RESV_MSI),
-        (0xFD_0000_0000, 0x3_0000_0000, IOMMU_RESV_RESERVED),
-    ],
-}
-
-
-def _hw_aperture(kernel: ModelKernel) -> tuple[int, int]:
-    return _APERTURE[kernel.iommu.vendor]
-
-
-def _hw_resv_regions(kernel: ModelKernel, group: VfioGroup) -> list[tuple[int, int, int]]:
-    return list(_RESV_REGIONS[kernel.iommu.vendor])
 
 
 # ---------------------------------------------------------------------------------------
@@ -431,10 +399,13 @@ class VfioIommuType1:
             vdom, new = self.domains[0], False
         else:
             vdom, new = VfioDomain(self.kernel.iommu.domain_alloc(dirty_tracking=False)), True
-        start, end = _hw_aperture(self.kernel)
+        # What the IOMMU driver says of the domain and the group (iommufd's source too):
+        # domain->geometry and iommu_get_group_resv_regions().
+        driver = iommu_driver(self.kernel)
+        start, end = driver.aperture.aperture_start, driver.aperture.aperture_end
         if self._aper_conflict(start, end):
             raise err(EINVAL)
-        resv = _hw_resv_regions(self.kernel, group)
+        resv = driver.resv_regions
         if self._resv_conflict(resv):
             raise err(EINVAL)
         iova_copy = _iova_resv_exclude(_iova_aper_resize(list(self.iova_list), start, end), resv)
@@ -540,7 +511,7 @@ class VfioIommuType1:
             return True
         return end < last[1] and self.find_dma(end + 1, last[1] - end) is not None
 
-    def _resv_conflict(self, resv: list[tuple[int, int, int]]) -> bool:
+    def _resv_conflict(self, resv: tuple[ResvRegion, ...]) -> bool:
         return any(
             t != IOMMU_RESV_DIRECT_RELAXABLE and self.find_dma(s, n) is not None for s, n, t in resv
         )
@@ -549,10 +520,10 @@ class VfioIommuType1:
         """vfio_iommu_aper_expand: the smallest aperture of the remaining domains."""
         if not iova_copy:
             return iova_copy
-        start, end = _hw_aperture(self.kernel) if self.domains else (0, U64_MAX)
+        geo = iommu_driver(self.kernel).aperture if self.domains else Geometry()  # all of it
         out = list(iova_copy)
-        out[0] = (start, out[0][1])
-        out[-1] = (out[-1][0], end)
+        out[0] = (geo.aperture_start, out[0][1])
+        out[-1] = (out[-1][0], geo.aperture_end)
         return out
 
     def _resv_refresh(self, iova_copy: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
@@ -560,12 +531,9 @@ class VfioIommuType1:
         reserved regions; None (keep the old list) when there is nothing to refresh."""
         if not iova_copy:
             return None
-        resv = [
-            r
-            for d in self.domains
-            for g in d.groups
-            for r in _hw_resv_regions(self.kernel, g.group)
-        ]
+        # Every remaining IOMMU-backed group brings its vendor's regions (a domain in the
+        # list always has a group).
+        resv = iommu_driver(self.kernel).resv_regions if self.domains else ()
         fresh = _iova_aper_resize([], iova_copy[0][0], iova_copy[-1][1])
         try:
             return _iova_resv_exclude(fresh, resv)
@@ -1039,7 +1007,7 @@ def _iova_aper_resize(iova: list[tuple[int, int]], start: int, end: int) -> list
 
 
 def _iova_resv_exclude(
-    iova: list[tuple[int, int]], resv: list[tuple[int, int, int]]
+    iova: list[tuple[int, int]], resv: tuple[ResvRegion, ...]
 ) -> list[tuple[int, int]]:
     """vfio_iommu_resv_exclude: cut the reserved regions out; nothing left is EINVAL."""
     lst = list(iova)

@@ -21,8 +21,9 @@ from errno import EFAULT, EINVAL, ENOENT, EOVERFLOW, EPERM
 from typing import TYPE_CHECKING, Any
 
 from vfiomig.hw.memory import PAGE_SIZE
+from vfiomig.kernel.bitops import ULONG_MAX
 from vfiomig.kernel.errors import err
-from vfiomig.kernel.iommufd.io_pagetable import IOMMU_READ, IOMMU_WRITE, ULONG_MAX, IoptArea
+from vfiomig.kernel.iommufd.io_pagetable import IOMMU_READ, IOMMU_WRITE, IoptArea
 from vfiomig.kernel.iommufd.main import IommufdCtx, IommufdObject, IommufdObjectType
 
 if TYPE_CHECKING:
@@ -34,12 +35,12 @@ class IommufdAccess(IommufdObject):
 
     type = IommufdObjectType.ACCESS
 
-    def __init__(self, ictx: IommufdCtx, vdev: Any, needs_pin_pages: bool = True) -> None:
+    def __init__(self, ictx: IommufdCtx, vdev: Any) -> None:
         super().__init__()
         self.ictx = ictx
         self.vdev = vdev
         self.ioas: IommufdIoas | None = None
-        self.iova_alignment = PAGE_SIZE if needs_pin_pages else 1
+        self.iova_alignment = PAGE_SIZE  # needs_pin_pages (1 for an rw-only access)
         self.pins: list[tuple[int, int]] = []  # (iova, length) of each pin_pages call
 
     def destroy(self) -> None:

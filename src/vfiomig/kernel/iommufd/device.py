@@ -16,7 +16,7 @@ from typing import Any
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.iommufd.hw_pagetable import IommufdHwptPaging, iommufd_hwpt_paging_alloc
 from vfiomig.kernel.iommufd.ioas import IommufdIoas
-from vfiomig.kernel.iommufd.iommu_drivers import iommu_driver
+from vfiomig.kernel.iommufd.iommu_drivers import IOMMU_RESV_DIRECT_RELAXABLE, iommu_driver
 from vfiomig.kernel.iommufd.main import (
     IommufdCtx,
     IommufdObject,
@@ -40,12 +40,11 @@ class IommufdDevice(IommufdObject):
     def dirty_capable(self) -> bool:
         """device_iommu_capable(dev, IOMMU_CAP_DIRTY_TRACKING): the device's IOMMU instance
         can track dirty IOVAs (and the machine's IOMMU model has dirty tracking at all)."""
-        machine = getattr(self.ictx.kernel.iommu, "dirty_capable", True)
-        return bool(getattr(self.vdev, "iommu_dirty", True)) and bool(machine)
+        return bool(self.vdev.iommu_dirty and self.ictx.kernel.iommu.dirty_capable)
 
     @property
     def hw(self) -> Any:
-        return getattr(self.vdev, "hw", None)
+        return self.vdev.hw
 
 
 def iommufd_device_bind(ictx: IommufdCtx, vdev: Any) -> IommufdDevice:
@@ -67,12 +66,14 @@ def iommufd_device_unbind(idev: IommufdDevice) -> None:
 
 
 def _enforce_resv_regions(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
-    """iopt_table_enforce_dev_resv_regions: the device's MSI window becomes reserved IOVA
-    of the IOAS (EADDRINUSE if something is mapped or allowed there)."""
+    """iopt_table_enforce_dev_resv_regions: the device's reserved regions (its MSI window,
+    AMD's HyperTransport range) become reserved IOVA of the IOAS (EADDRINUSE if something
+    is mapped or allowed there)."""
     iopt = hwpt.ioas.iopt
     try:
-        for start, last in iommu_driver(idev.ictx.kernel).resv_regions:
-            iopt.reserve_iova(start, last, idev)
+        for resv in iommu_driver(idev.ictx.kernel).resv_regions:
+            if resv.type != IOMMU_RESV_DIRECT_RELAXABLE:
+                iopt.reserve_iova(resv.start, resv.last, idev)
     except OSError:
         iopt.remove_reserved_iova(idev)
         raise
@@ -112,7 +113,6 @@ def iommufd_hw_pagetable_attach(hwpt: IommufdHwptPaging, idev: IommufdDevice) ->
         raise
     _hw_attach(hwpt, idev)
     idev.hwpt = hwpt
-    hwpt.devices.append(idev)
     hwpt.users += 1
 
 
@@ -122,7 +122,6 @@ def iommufd_hw_pagetable_detach(idev: IommufdDevice) -> IommufdHwptPaging:
     assert hwpt is not None
     _hw_detach(hwpt, idev)
     idev.hwpt = None
-    hwpt.devices.remove(idev)
     hwpt.ioas.iopt.remove_reserved_iova(idev)
     return hwpt
 
@@ -161,9 +160,7 @@ def _do_replace(idev: IommufdDevice, hwpt: IommufdHwptPaging) -> IommufdHwptPagi
     _hw_attach(hwpt, idev)
     if other_ioas:
         old.ioas.iopt.remove_reserved_iova(idev)
-    old.devices.remove(idev)
     idev.hwpt = hwpt
-    hwpt.devices.append(idev)
     hwpt.users += 1
     return old
 

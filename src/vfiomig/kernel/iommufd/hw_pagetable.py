@@ -39,16 +39,13 @@ class IommufdHwptPaging(IommufdObject):
 
     type = IommufdObjectType.HWPT_PAGING
 
-    def __init__(self, ictx: IommufdCtx, ioas: IommufdIoas, domain: Any, flags: int) -> None:
+    def __init__(self, ioas: IommufdIoas, domain: Any, flags: int) -> None:
         super().__init__()
-        self.ictx = ictx
         self.ioas = ioas
         self.domain = domain
-        self.flags = flags
         self.nest_parent = bool(flags & u.IOMMU_HWPT_ALLOC_NEST_PARENT)
         self.auto_domain = False
         self.in_ioas = False  # on ioas.hwpt_list / in the iopt's domains
-        self.devices: list[IommufdDevice] = []
 
     def destroy(self) -> None:
         """iommufd_hwpt_paging_destroy."""
@@ -84,7 +81,7 @@ def iommufd_hwpt_paging_alloc(
     domain = ictx.kernel.iommu.domain_alloc(
         dirty_tracking=bool(flags & u.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
     )
-    hwpt = ictx.alloc(IommufdHwptPaging(ictx, ioas, domain, flags))
+    hwpt = ictx.alloc(IommufdHwptPaging(ioas, domain, flags))
     ioas.users += 1  # pairs with iommufd_hwpt_paging_destroy
     try:
         if immediate_attach:

@@ -39,12 +39,13 @@ from typing import TYPE_CHECKING, Any
 
 from vfiomig.hw.memory import PAGE_SIZE
 from vfiomig.kernel.bitops import U64_MAX, ULONG_MAX
+from vfiomig.kernel.bitops import __ffs as ffs
 from vfiomig.kernel.errors import err
+from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
 
 if TYPE_CHECKING:
     from vfiomig.hw.memory import Memory
     from vfiomig.kernel.iommufd.access import IommufdAccess
-    from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
 
 SIZE_MAX = U64_MAX
 HPAGE_SIZE = 2 << 20  # THP size (CONFIG_TRANSPARENT_HUGEPAGE), the cap of auto IOVA alignment
@@ -63,15 +64,6 @@ UNMAP_MAX_TRIES = 100
 
 def roundup_pow_of_two(n: int) -> int:
     return 1 << (n - 1).bit_length()
-
-
-def ffs(x: int) -> int:
-    """__ffs: index of the lowest set bit (x != 0)."""
-    return (x & -x).bit_length() - 1
-
-
-def align_down(x: int, a: int) -> int:
-    return x - (x % a)
 
 
 @dataclass(eq=False)
@@ -194,7 +186,6 @@ class IoPagetable:
         self.reserved: list[Reserved] = []
         self.allowed: list[tuple[int, int]] = []
         self.domains: list[Any] = []  # hw Domains (vfiomig.hw.iommu.Domain)
-        self.geometry: dict[int, Geometry] = {}  # id(domain) -> its aperture
         self.accesses: list[IommufdAccess] = []
         self.iova_alignment = 1
         self.disable_large_pages = False
@@ -220,6 +211,12 @@ class IoPagetable:
 
     def reserved_iter(self, start: int, last: int) -> list[Reserved]:
         return [r for r in self.reserved if r.start <= last and r.last >= start]
+
+    def reserved_holes(self) -> list[tuple[int, int]]:
+        """The usable IOVA ranges [start, last]: the holes of the reserved tree over
+        [0, ULONG_MAX] (what IOAS_IOVA_RANGES and the compat IOVA_RANGE capability list)."""
+        used = [(r.start, r.last) for r in self.reserved]
+        return [(s, e) for is_hole, s, e in _spans(used, 0, ULONG_MAX) if is_hole]
 
     def allowed_intersects(self, start: int, last: int) -> bool:
         return any(s <= last and e >= start for s, e in self.allowed)
@@ -460,7 +457,6 @@ class IoPagetable:
             raise
         self.iova_alignment = new_alignment
         self.domains.append(domain)
-        self.geometry[id(domain)] = geometry
 
     def _fill_domain(self, domain: Any) -> None:
         """iopt_fill_domain: on failure the domain is left unchanged."""
@@ -484,7 +480,6 @@ class IoPagetable:
         if domain not in self.domains:
             return
         self.domains.remove(domain)
-        self.geometry.pop(id(domain), None)
         for area in self.areas:
             if area.pages is not None and area.filled:
                 self._unmap_domain(domain, area)
@@ -639,8 +634,6 @@ class IoPagetable:
         self, domain: Any, flags: int, iova: int, length: int, page_size: int, data: int
     ) -> None:
         """iopt_read_and_clear_dirty_data (the range checks) + iommu_read_and_clear_dirty."""
-        from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
-
         check_iova_range(self.iova_alignment, iova, length, page_size)
         if not domain.has_dirty_ops:
             raise err(EOPNOTSUPP)

@@ -12,16 +12,9 @@ import struct
 from errno import EFAULT, EINVAL, EMSGSIZE, ENOENT, EOPNOTSUPP, EOVERFLOW
 from typing import TYPE_CHECKING
 
+from vfiomig.kernel.bitops import U64_MAX, ULONG_MAX
 from vfiomig.kernel.errors import err
-from vfiomig.kernel.iommufd.io_pagetable import (
-    IOMMU_CACHE,
-    IOMMU_READ,
-    IOMMU_WRITE,
-    U64_MAX,
-    ULONG_MAX,
-    IoPagetable,
-    _spans,
-)
+from vfiomig.kernel.iommufd.io_pagetable import IOMMU_CACHE, IOMMU_READ, IOMMU_WRITE, IoPagetable
 from vfiomig.kernel.iommufd.main import (
     IommufdCtx,
     IommufdObject,
@@ -64,6 +57,23 @@ def iommufd_get_ioas(ictx: IommufdCtx, ioas_id: int) -> IommufdIoas:
     return ictx.get(ioas_id, IommufdIoas)
 
 
+def _check_map_cmd(flags: int, *u64s: int) -> None:
+    """The checks IOAS_MAP and IOAS_COPY open with, in order: only the map flags
+    (EOPNOTSUPP), no IOVA or length at ULONG_MAX or above (EOVERFLOW), read or write
+    asked for (EINVAL)."""
+    if flags & ~_MAP_FLAGS:
+        raise err(EOPNOTSUPP)
+    if any(x >= ULONG_MAX for x in u64s):
+        raise err(EOVERFLOW)
+    if not flags & _RW:
+        raise err(EINVAL)
+
+
+def _alloc_or(flags: int, iova: int) -> int | None:
+    """The fixed IOVA, or None to let the IOAS allocate one (IOPT_ALLOC_IOVA)."""
+    return iova if flags & u.IOMMU_IOAS_MAP_FIXED_IOVA else None
+
+
 def conv_iommu_prot(map_flags: int) -> int:
     prot = IOMMU_CACHE
     if map_flags & u.IOMMU_IOAS_MAP_WRITEABLE:
@@ -101,10 +111,7 @@ def iommufd_ioas_iova_ranges(ucmd: Ucmd) -> int:
     cmd.num_iovas = 0
     cmd.out_iova_alignment = iopt.iova_alignment
     mm = ucmd.ictx.kernel.mm
-    used = [(r.start, r.last) for r in iopt.reserved]
-    for is_hole, start, last in _spans(used, 0, ULONG_MAX):
-        if not is_hole:
-            continue
+    for start, last in iopt.reserved_holes():
         if cmd.num_iovas < max_iovas:
             try:
                 user_write(mm, ranges + cmd.num_iovas * _RANGE.size, _RANGE.pack(start, last))
@@ -155,18 +162,13 @@ def iommufd_ioas_allow_iovas(ucmd: Ucmd) -> int:
 @register(u.IOMMU_IOAS_MAP, u.iommu_ioas_map, 40)
 def iommufd_ioas_map(ucmd: Ucmd) -> int:
     cmd = ucmd.cmd
-    if cmd.flags & ~_MAP_FLAGS or cmd.__reserved:
+    if cmd.__reserved:
         raise err(EOPNOTSUPP)
-    if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
-        raise err(EOVERFLOW)
-    if not cmd.flags & _RW:
-        raise err(EINVAL)
+    _check_map_cmd(cmd.flags, cmd.iova, cmd.length)
     ioas = iommufd_get_ioas(ucmd.ictx, cmd.ioas_id)
-    fixed = cmd.flags & u.IOMMU_IOAS_MAP_FIXED_IOVA
-    iova = ioas.iopt.map_user_pages(
-        cmd.user_va, cmd.length, cmd.iova if fixed else None, conv_iommu_prot(cmd.flags)
+    cmd.iova = ioas.iopt.map_user_pages(
+        cmd.user_va, cmd.length, _alloc_or(cmd.flags, cmd.iova), conv_iommu_prot(cmd.flags)
     )
-    cmd.iova = iova
     ucmd.respond()
     return 0
 
@@ -174,20 +176,13 @@ def iommufd_ioas_map(ucmd: Ucmd) -> int:
 @register(u.IOMMU_IOAS_COPY, u.iommu_ioas_copy, 40)
 def iommufd_ioas_copy(ucmd: Ucmd) -> int:
     cmd = ucmd.cmd
-    if cmd.flags & ~_MAP_FLAGS:
-        raise err(EOPNOTSUPP)
-    if cmd.length >= ULONG_MAX or cmd.src_iova >= ULONG_MAX or cmd.dst_iova >= ULONG_MAX:
-        raise err(EOVERFLOW)
-    if not cmd.flags & _RW:
-        raise err(EINVAL)
+    _check_map_cmd(cmd.flags, cmd.length, cmd.src_iova, cmd.dst_iova)
     src = iommufd_get_ioas(ucmd.ictx, cmd.src_ioas_id)
     pages = src.iopt.get_pages(cmd.src_iova, cmd.length)
     dst = iommufd_get_ioas(ucmd.ictx, cmd.dst_ioas_id)
-    fixed = cmd.flags & u.IOMMU_IOAS_MAP_FIXED_IOVA
-    iova = dst.iopt.map_pages(
-        pages, cmd.length, cmd.dst_iova if fixed else None, conv_iommu_prot(cmd.flags)
+    cmd.dst_iova = dst.iopt.map_pages(
+        pages, cmd.length, _alloc_or(cmd.flags, cmd.dst_iova), conv_iommu_prot(cmd.flags)
     )
-    cmd.dst_iova = iova
     ucmd.respond()
     return 0
 
@@ -199,16 +194,14 @@ def iommufd_ioas_unmap(ucmd: Ucmd) -> int:
     ioas = iommufd_get_ioas(ucmd.ictx, cmd.ioas_id)
     if cmd.iova == 0 and cmd.length == U64_MAX:
         rc, unmapped = ioas.iopt.unmap_all()
-        if rc:
-            raise err(rc)
     else:
         if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
             raise err(EOVERFLOW)
         rc, unmapped = ioas.iopt.unmap_iova(cmd.iova, cmd.length)
-        if rc:
-            raise err(rc)
-        if not unmapped:
-            raise err(ENOENT)
+        if not rc and not unmapped:
+            rc = ENOENT
+    if rc:
+        raise err(rc)
     cmd.length = unmapped
     ucmd.respond()
     return 0

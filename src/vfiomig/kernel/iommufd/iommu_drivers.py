@@ -1,27 +1,56 @@
-"""What iommufd asks of the IOMMU driver beneath it (struct iommu_ops), per vendor.
+"""What the IOMMU driver beneath the model kernel tells VFIO and iommufd, per vendor.
 
 The hardware (page tables, dirty bits, IOTLB) is vfiomig.hw.iommu; this table holds the
-driver-level facts iommufd sees: the domain aperture, the reserved regions a device brings
-(its MSI window), which HWPT_ALLOC flags the driver takes, and the IOMMU_GET_HW_INFO
-payload. Sources: drivers/iommu/arm/arm-smmu-v3/arm-smmu-v3{,-iommufd}.c,
+driver-level facts the IOMMU core hands up (struct iommu_ops): the domain aperture
+(domain->geometry), the reserved regions a device brings (ops->get_resv_regions), which
+HWPT_ALLOC flags the driver takes, and the IOMMU_GET_HW_INFO payload. It is the one source
+of these facts for both users: iommufd (device.py, hw_pagetable.py) and the legacy type1
+backend (vfio_iommu_type1.py). Sources: drivers/iommu/arm/arm-smmu-v3/arm-smmu-v3{,-iommufd}.c,
 drivers/iommu/intel/iommu.c, drivers/iommu/amd/iommu.c. Values are plausible ones for a
-typical part (48-bit SMMUv3.2 with HTTU, scalable-mode VT-d, AMD with HD support).
+typical part (48-bit SMMUv3.2 with HTTU, scalable-mode VT-d, AMD with HD support and
+without EFR2 HTRangeIgnore).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from errno import EOPNOTSUPP
-from typing import Any
+from typing import TYPE_CHECKING, NamedTuple
 
+from vfiomig.kernel.bitops import ULONG_MAX
 from vfiomig.kernel.errors import err
-from vfiomig.kernel.iommufd.io_pagetable import ULONG_MAX, Geometry
+from vfiomig.kernel.iommufd.io_pagetable import Geometry
 from vfiomig.uapi import iommufd as u
 
-# IOMMU_RESV_MSI (x86: the interrupt-remapping window) / IOMMU_RESV_SW_MSI (ARM: the
-# window iommu-dma maps MSI doorbells into, MSI_IOVA_BASE / MSI_IOVA_LENGTH).
-X86_MSI = (0xFEE0_0000, 0xFEEF_FFFF)
-ARM_SW_MSI = (0x0800_0000, 0x080F_FFFF)
+if TYPE_CHECKING:
+    from vfiomig.kernel.machine import ModelKernel
+
+# enum iommu_resv_type (include/linux/iommu.h)
+IOMMU_RESV_DIRECT = 0
+IOMMU_RESV_DIRECT_RELAXABLE = 1  # does not restrict the IOVA space
+IOMMU_RESV_RESERVED = 2
+IOMMU_RESV_MSI = 3
+IOMMU_RESV_SW_MSI = 4
+
+
+class ResvRegion(NamedTuple):
+    """struct iommu_resv_region: [start, start + length) of IOVA, of a type."""
+
+    start: int
+    length: int
+    type: int
+
+    @property
+    def last(self) -> int:
+        return self.start + self.length - 1
+
+
+# x86: the interrupt-remapping window (IOMMU_RESV_MSI); AMD also reserves the HyperTransport
+# range unless EFR2 says HTRangeIgnore (amd_iommu_get_resv_regions). ARM: the window
+# iommu-dma maps MSI doorbells into (MSI_IOVA_BASE, MSI_IOVA_LENGTH; IOMMU_RESV_SW_MSI).
+X86_MSI = ResvRegion(0xFEE0_0000, 0x10_0000, IOMMU_RESV_MSI)
+AMD_HT = ResvRegion(0xFD_0000_0000, 0x3_0000_0000, IOMMU_RESV_RESERVED)
+ARM_SW_MSI = ResvRegion(0x0800_0000, 0x10_0000, IOMMU_RESV_SW_MSI)
 
 
 @dataclass(frozen=True)
@@ -29,7 +58,7 @@ class IommuDriver:
     vendor: str
     hw_info_type: int
     aperture: Geometry
-    resv_regions: tuple[tuple[int, int], ...]
+    resv_regions: tuple[ResvRegion, ...]
 
     def hw_info(self, dirty: bool) -> bytes:
         """ops->hw_info: the vendor struct of IOMMU_GET_HW_INFO."""
@@ -73,10 +102,10 @@ DRIVERS = {
     "vtd": IommuDriver(
         "vtd", u.IOMMU_HW_INFO_TYPE_INTEL_VTD, Geometry(0, (1 << 48) - 1), (X86_MSI,)
     ),
-    "amd": IommuDriver("amd", u.IOMMU_HW_INFO_TYPE_AMD, Geometry(0, ULONG_MAX), (X86_MSI,)),
+    "amd": IommuDriver("amd", u.IOMMU_HW_INFO_TYPE_AMD, Geometry(0, ULONG_MAX), (X86_MSI, AMD_HT)),
 }
 
 
-def iommu_driver(kernel: Any) -> IommuDriver:
-    vendor = str(getattr(kernel.iommu, "vendor", "smmuv3"))
-    return DRIVERS.get(vendor, DRIVERS["smmuv3"])
+def iommu_driver(kernel: ModelKernel) -> IommuDriver:
+    """The driver of the machine's IOMMU (hw.iommu.Iommu, one vendor per machine)."""
+    return DRIVERS[kernel.iommu.vendor]

@@ -36,15 +36,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from vfiomig.hw.memory import PAGE_SIZE
+from vfiomig.hw.memory import PAGE_SHIFT, PAGE_SIZE
 from vfiomig.kernel.bitops import U64_MAX
 from vfiomig.kernel.bitops import __ffs as _ffs
 from vfiomig.kernel.errors import err
 
 if TYPE_CHECKING:
     from vfiomig.hw.memory import Memory
-
-PAGE_SHIFT = 12
 
 _BYTE_ANY_2 = np.array(
     [sum(1 << j for j in range(4) if (b >> (2 * j)) & 3) for b in range(256)], dtype=np.uint8

@@ -68,7 +68,6 @@ class IommufdCtx:
         self.objects: dict[int, IommufdObject] = {}
         self.vfio_ioas: IommufdIoas | None = None  # the compat IOAS (IOMMU_VFIO_IOAS)
         self.account_mode = IOPT_PAGES_ACCOUNT_USER
-        self.no_iommu_mode = False
 
     def alloc(self, obj: ObjT) -> ObjT:
         """iommufd_object_alloc + finalize: ids are the lowest free from 1 (xa_alloc)."""

@@ -14,15 +14,9 @@ from errno import EFAULT, EINVAL, ENODEV, ENOTTY, EOPNOTSUPP
 from typing import TYPE_CHECKING
 
 from vfiomig.hw.memory import PAGE_SIZE
+from vfiomig.kernel.bitops import U64_MAX, ULONG_MAX
 from vfiomig.kernel.errors import err
-from vfiomig.kernel.iommufd.io_pagetable import (
-    IOMMU_CACHE,
-    IOMMU_READ,
-    IOMMU_WRITE,
-    U64_MAX,
-    ULONG_MAX,
-    _spans,
-)
+from vfiomig.kernel.iommufd.io_pagetable import IOMMU_CACHE, IOMMU_READ, IOMMU_WRITE
 from vfiomig.kernel.iommufd.ioas import iommufd_get_ioas
 from vfiomig.kernel.iommufd.main import IommufdCtx, Ucmd, register
 from vfiomig.kernel.uaccess import UserArg
@@ -126,8 +120,8 @@ def iommufd_vfio_check_extension(ictx: IommufdCtx, ext: int) -> int:
 
 def iommufd_vfio_set_iommu(ictx: IommufdCtx, type_: int) -> int:
     """TYPE1 (v1) is emulated by disabling huge IOPTEs, so any range can be unmapped."""
-    if type_ not in (v.VFIO_TYPE1_IOMMU, v.VFIO_TYPE1v2_IOMMU) or ictx.no_iommu_mode:
-        raise err(EINVAL)
+    if type_ not in (v.VFIO_TYPE1_IOMMU, v.VFIO_TYPE1v2_IOMMU):
+        raise err(EINVAL)  # VFIO_NOIOMMU_IOMMU too: the model has no no-IOMMU mode
     ioas = get_compat_ioas(ictx)
     if type_ == v.VFIO_TYPE1_IOMMU:
         ioas.iopt.disable_large_pages_()
@@ -155,10 +149,7 @@ def _fill_cap_dma_avail(ioas: IommufdIoas, uarg: UserArg, off: int, avail: int) 
 def _fill_cap_iova(ioas: IommufdIoas, uarg: UserArg, off: int, avail: int) -> int:
     head = _CAP_HDR.size + 8  # header, nr_iovas, reserved
     nr = 0
-    used = [(r.start, r.last) for r in ioas.iopt.reserved]
-    for is_hole, start, last in _spans(used, 0, ULONG_MAX):
-        if not is_hole:
-            continue
+    for start, last in ioas.iopt.reserved_holes():
         if avail >= head + (nr + 1) * _RANGE.size:
             uarg.write(off + head + nr * _RANGE.size, _RANGE.pack(start, last))
         nr += 1
