@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from vfiomig.kernel import ModelKernel
+from vfiomig.uapi import iommufd as u
 from vfiomig.uapi import vfio as v
 
 GET = v.VFIO_DEVICE_FEATURE_GET
@@ -36,13 +37,22 @@ def errno_of(fn: Callable[..., Any], *args: Any) -> int:
 
 
 class Dev:
-    """One device of a ModelKernel, opened and bound to an iommufd."""
+    """One device of a ModelKernel, opened and bound to an iommufd (a new one, or the
+    `iommufd` given, to share it with another device)."""
 
-    def __init__(self, k: ModelKernel, kind: str = "reference", bind: bool = True, **opts: Any):
+    def __init__(
+        self,
+        k: ModelKernel,
+        kind: str = "reference",
+        bind: bool = True,
+        *,
+        iommufd: int | None = None,
+        **opts: Any,
+    ):
         self.k = k
         self.path = k.add_device(kind, **opts)
         self.fd = k.open(self.path)
-        self.iommufd = k.open("/dev/iommu")
+        self.iommufd = k.open("/dev/iommu") if iommufd is None else iommufd
         if bind:
             self.bind()
 
@@ -50,6 +60,20 @@ class Dev:
         b = v.vfio_device_bind_iommufd(argsz=ctypes.sizeof(v.vfio_device_bind_iommufd))
         b.iommufd = self.iommufd
         self.k.ioctl(self.fd, v.VFIO_DEVICE_BIND_IOMMUFD, b)
+        self.devid = int(b.out_devid)
+
+    def reopen(self) -> None:
+        """Open and bind a new device fd (after close(), the device's last close)."""
+        self.fd = self.k.open(self.path)
+        self.bind()
+
+    def attach(self, pt_id: int) -> int:
+        """VFIO_DEVICE_ATTACH_IOMMUFD_PT; returns the pt_id written back."""
+        at = v.vfio_device_attach_iommufd_pt(
+            argsz=ctypes.sizeof(v.vfio_device_attach_iommufd_pt), pt_id=pt_id
+        )
+        self.k.ioctl(self.fd, v.VFIO_DEVICE_ATTACH_IOMMUFD_PT, at)
+        return int(at.pt_id)
 
     # below the uAPI (ground truth for checks only)
     @property
@@ -113,6 +137,29 @@ class Dev:
         self.k.close(self.fd)
 
 
+def precopy(dev: Dev, data_fd: int, flags: int = 0) -> tuple[int, int, int]:
+    """VFIO_MIG_GET_PRECOPY_INFO as (flags, initial_bytes, dirty_bytes)."""
+    i = dev.precopy_info(data_fd, flags)
+    return int(i.flags), int(i.initial_bytes), int(i.dirty_bytes)
+
+
+def ioas_map(k: ModelKernel, iommufd: int, user_va: int, length: int, iova: int) -> int:
+    """A new IOAS with [user_va, user_va + length) mapped read-write at `iova`; its id."""
+    alloc = u.iommu_ioas_alloc(size=ctypes.sizeof(u.iommu_ioas_alloc))
+    k.ioctl(iommufd, u.IOMMU_IOAS_ALLOC, alloc)
+    rw = u.IOMMU_IOAS_MAP_FIXED_IOVA | u.IOMMU_IOAS_MAP_READABLE | u.IOMMU_IOAS_MAP_WRITEABLE
+    m = u.iommu_ioas_map(
+        size=ctypes.sizeof(u.iommu_ioas_map),
+        flags=rw,
+        ioas_id=alloc.out_ioas_id,
+        user_va=user_va,
+        length=length,
+        iova=iova,
+    )
+    k.ioctl(iommufd, u.IOMMU_IOAS_MAP, m)
+    return int(alloc.out_ioas_id)
+
+
 def save_stream(dev: Dev) -> bytes:
     """RUNNING -> STOP_COPY, read everything, -> STOP. Returns the stream."""
     fd = dev.set_state(v.VFIO_DEVICE_STATE_STOP_COPY)
@@ -122,9 +169,16 @@ def save_stream(dev: Dev) -> bytes:
     return data
 
 
+def resuming(dev: Dev) -> int:
+    """-> RESUMING (through STOP); returns the resuming data fd."""
+    fd = dev.set_state(v.VFIO_DEVICE_STATE_RESUMING)
+    assert fd >= 0
+    return fd
+
+
 def resume_stream(dev: Dev, data: bytes, chunk: int = 1 << 20) -> None:
     """-> RESUMING, write the stream, -> STOP."""
-    fd = dev.set_state(v.VFIO_DEVICE_STATE_RESUMING)
+    fd = resuming(dev)
     for off in range(0, len(data), chunk):
         assert dev.k.write(fd, data[off : off + chunk]) == len(data[off : off + chunk])
     dev.set_state(v.VFIO_DEVICE_STATE_STOP)

@@ -18,17 +18,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import GET, MIG_STATE, SET, errno_of
+from conftest import GET, SET, Dev, errno_of, ioas_map
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vfiomig.hw.memory import TASK_SIZE_MAX
 from vfiomig.kernel import ModelKernel
+from vfiomig.kernel.bitops import U64_MAX
+from vfiomig.kernel.vfio_fsm import PRE_COPY
 from vfiomig.uapi import iommufd as u
 from vfiomig.uapi import vfio as v
 
 KINDS = ("mtty", "hisi_acc", "reference")
-U64 = (1 << 64) - 1
 
 
 def _requests() -> list[int]:
@@ -52,43 +53,16 @@ class Machine:
         self.mem, _ = k.mmap(1 << 22)
         self.big, _ = k.mmap(1 << 30, backed=False)
         self.iommufd = k.open("/dev/iommu")
-        alloc = u.iommu_ioas_alloc(size=ctypes.sizeof(u.iommu_ioas_alloc))
-        k.ioctl(self.iommufd, u.IOMMU_IOAS_ALLOC, alloc)
-        self.ioas = int(alloc.out_ioas_id)
-        m = u.iommu_ioas_map(
-            size=ctypes.sizeof(u.iommu_ioas_map),
-            flags=u.IOMMU_IOAS_MAP_FIXED_IOVA
-            | u.IOMMU_IOAS_MAP_READABLE
-            | u.IOMMU_IOAS_MAP_WRITEABLE,
-            ioas_id=self.ioas,
-            user_va=self.mem,
-            length=1 << 22,
-            iova=1 << 30,
-        )
-        k.ioctl(self.iommufd, u.IOMMU_IOAS_MAP, m)
+        self.ioas = ioas_map(k, self.iommufd, self.mem, 1 << 22, 1 << 30)
         self.ids = [self.ioas]
-        self.paths: list[str] = []
-        self.cdevs: list[int] = []
-        for kind in KINDS:  # bound to the iommufd and attached to the IOAS
-            path = k.add_device(kind)
-            self.paths.append(path)
-            fd = k.open(path)
-            b = v.vfio_device_bind_iommufd(argsz=ctypes.sizeof(v.vfio_device_bind_iommufd))
-            b.iommufd = self.iommufd
-            k.ioctl(fd, v.VFIO_DEVICE_BIND_IOMMUFD, b)
-            self.ids.append(int(b.out_devid))
-            at = v.vfio_device_attach_iommufd_pt(
-                argsz=ctypes.sizeof(v.vfio_device_attach_iommufd_pt)
-            )
-            at.pt_id = self.ioas
-            k.ioctl(fd, v.VFIO_DEVICE_ATTACH_IOMMUFD_PT, at)
-            self.ids.append(int(at.pt_id))
-            self.cdevs.append(fd)
+        # one device of each kind, bound to the iommufd and attached to the IOAS
+        devs = [Dev(k, kind, iommufd=self.iommufd) for kind in KINDS]
+        for d in devs:
+            self.ids += [d.devid, d.attach(self.ioas)]
+        self.paths = [d.path for d in devs]
+        self.cdevs = [d.fd for d in devs]
         # the reference device in PRE_COPY: a live saving data fd
-        mig = v.vfio_device_feature_mig_state(device_state=v.VFIO_DEVICE_STATE_PRE_COPY)
-        buf = v.feature_buffer(SET | MIG_STATE, mig)
-        k.ioctl(self.cdevs[2], v.VFIO_DEVICE_FEATURE, buf)
-        self.data_fd = int(v.feature_payload(buf, v.vfio_device_feature_mig_state).data_fd)
+        self.data_fd = devs[2].set_state(PRE_COPY)
         # a legacy container with the group of a second reference device, type1 set
         path = k.add_device("reference")
         self.paths.append(path)
@@ -184,7 +158,7 @@ def test_mmap_still_gives_a_1tib_unbacked_guest_after_the_limit() -> None:
 
 _NUMS = st.sampled_from(
     [0, 1, 2, 3, 4, 7, 8, 16, 24, 0x1000, 0x1001, 1 << 21, 1 << 30, 1 << 31, (1 << 32) - 1]
-    + [1 << 32, 1 << 48, 1 << 63, U64 - 0xFFF, U64, 1 << 64, 1 << 100, -1, -(1 << 70)]
+    + [1 << 32, 1 << 48, 1 << 63, U64_MAX - 0xFFF, U64_MAX, 1 << 64, 1 << 100, -1, -(1 << 70)]
 )
 _JUNK = st.sampled_from([None, "3", 3.5, [1], {}, b"", object(), True, np.zeros(4)[::2]])
 

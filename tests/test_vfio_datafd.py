@@ -12,9 +12,17 @@ from errno import EBADF, EFAULT, EINVAL, ENODEV, ENOMSG, ENOTTY, ESPIPE
 import pytest
 from conftest import SET, Dev, errno_of, save_stream
 
+from vfiomig.kernel.vfio_fsm import (
+    PRE_COPY,
+    PRE_COPY_P2P,
+    RESUMING,
+    RUNNING,
+    RUNNING_P2P,
+    STOP,
+    STOP_COPY,
+)
 from vfiomig.uapi import vfio as v
 
-STOP, RUNNING, STOP_COPY, RESUMING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P = 1, 2, 3, 4, 5, 6, 7
 INFO = v.VFIO_MIG_GET_PRECOPY_INFO
 REINIT = v.VFIO_PRECOPY_INFO_REINIT
 
@@ -105,8 +113,7 @@ def test_precopy_info_v2_survives_sessions_until_last_close(make_dev: Callable[.
     fd = d.set_state(PRE_COPY)
     assert d.precopy_info(fd, flags=0xF0).flags == 0
     d.close()
-    d.fd = d.k.open(d.path)
-    d.bind()
+    d.reopen()
     fd = d.set_state(PRE_COPY)
     assert d.precopy_info(fd, flags=0xF0).flags == 0xF0
 

@@ -7,23 +7,34 @@ from __future__ import annotations
 import ctypes
 import struct
 from collections.abc import Callable
-from errno import E2BIG, EBADF, EFAULT, EINVAL, EMFILE, ENODEV, ENOTTY, EOPNOTSUPP, EOVERFLOW
+from errno import E2BIG, EBADF, EBUSY, EFAULT, EINVAL, EMFILE, ENODEV, ENOTTY, EOPNOTSUPP, EOVERFLOW
 from typing import Any
 
 import pytest
-from conftest import GET, MIG_STATE, PROBE, SET, Dev, Ranges, bits_of, errno_of, report, start
+from conftest import (
+    GET,
+    LOG_REPORT,
+    LOG_START,
+    MIG_STATE,
+    PROBE,
+    SET,
+    Dev,
+    Ranges,
+    bits_of,
+    errno_of,
+    report,
+    start,
+)
 
 from vfiomig.kernel.machine import DRIVERS, ModelKernel
+from vfiomig.kernel.vfio_fsm import ERROR, PRE_COPY, RUNNING, STOP_COPY
 from vfiomig.kernel.vfio_main import VfioDevice
 from vfiomig.uapi import vfio as v
 
 MIGRATION = v.VFIO_DEVICE_FEATURE_MIGRATION
 DATA_SIZE = v.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE
 V2 = v.VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2
-LOG_START = v.VFIO_DEVICE_FEATURE_DMA_LOGGING_START
 LOG_STOP = v.VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP
-LOG_REPORT = v.VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT
-RUNNING, STOP, STOP_COPY, PRE_COPY = 2, 1, 3, 6
 
 
 class Plain(VfioDevice):
@@ -211,9 +222,9 @@ def test_mig_state_unsupported_optional_state(make_dev: Callable[..., Dev]) -> N
 
 
 def test_mig_state_set_errno_from_arc_is_echoed(make_dev: Callable[..., Dev]) -> None:
-    d = make_dev(migration_flags=1, fail_arc=("RUNNING", "STOP", 16))
+    d = make_dev(migration_flags=1, fail_arc=("RUNNING", "STOP", EBUSY))
     e, fd, echoed = d.try_set_state(STOP_COPY)
-    assert (e, fd) == (16, -1) and echoed[:4] == struct.pack("<I", STOP_COPY)
+    assert (e, fd) == (EBUSY, -1) and echoed[:4] == struct.pack("<I", STOP_COPY)
     assert d.get_state() == RUNNING
 
 
@@ -457,7 +468,7 @@ def test_reset_not_supported(make_dev: Callable[..., Dev]) -> None:
 def test_reset_leaves_error_state(make_dev: Callable[..., Dev]) -> None:
     d = make_dev(migration_flags=1, fail_arc=("STOP", "STOP_COPY", "error"))
     assert d.try_set_state(STOP_COPY)[0] != 0
-    assert d.get_state() == 0
+    assert d.get_state() == ERROR
     assert d.try_set_state(RUNNING)[0] == EINVAL
     d.reset()
     assert d.get_state() == RUNNING
@@ -471,8 +482,7 @@ def test_closing_the_device_clears_v2_and_ends_sessions(make_dev: Callable[..., 
     d.close()
     assert not d.vdev.precopy_info_v2
     assert errno_of(d.k.read, fd, 1) == ENODEV
-    d.fd = d.k.open(d.path)
-    d.bind()
+    d.reopen()
     assert d.get_state() == RUNNING  # a new user starts at RUNNING
 
 
@@ -496,5 +506,4 @@ def test_cdev_opens_a_device_once(kernel: ModelKernel, make_dev: Callable[..., D
     kernel.close(fd2)  # closing the unbound fd changes nothing
     assert d.get_state() == PRE_COPY and kernel.read(fd, 10)
     d.close()
-    d.fd = kernel.open(d.path)
-    d.bind()  # free again after the last close
+    d.reopen()  # free again after the last close

@@ -21,6 +21,7 @@ import importlib.util
 import re
 from collections import deque
 from collections.abc import Callable
+from errno import EBUSY, EINVAL, EIO, ENODEV
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,18 @@ from conftest import Dev, save_stream
 
 from vfiomig.kernel import ModelKernel
 from vfiomig.kernel import vfio_fsm as fsm
+from vfiomig.kernel.vfio_fsm import (
+    ERROR,
+    PRE_COPY,
+    PRE_COPY_P2P,
+    RESUMING,
+    RUNNING,
+    RUNNING_P2P,
+    STOP,
+    STOP_COPY,
+)
 
 NAMES = fsm.STATE_NAMES
-ERROR, STOP, RUNNING, STOP_COPY, RESUMING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P = range(8)
 SAVING = {STOP_COPY, PRE_COPY, PRE_COPY_P2P}
 REQUESTS = [*range(9), 9, 255, 2**32 - 1]
 FD_ARCS = {(RUNNING, PRE_COPY), (RUNNING_P2P, PRE_COPY_P2P), (STOP, STOP_COPY), (STOP, RESUMING)}
@@ -207,7 +217,7 @@ def test_blocked_arc_returns_einval_instead_of_hanging() -> None:
     for new in (PRE_COPY, PRE_COPY_P2P):
         with pytest.raises(OSError) as e:
             fsm.vfio_mig_get_next_state(7, STOP_COPY, new)
-        assert e.value.errno == 22
+        assert e.value.errno == EINVAL
 
 
 # ---------------------------------------------------------------------- through the uAPI
@@ -228,7 +238,7 @@ def reach(k: ModelKernel, flags: int, cur: int) -> tuple[Dev, int]:
     fd = -1
     if cur == ERROR:  # an injected hard failure on the first arc toward STOP
         d.vdev.fail_arc = (RUNNING, fsm.mig_path(flags, RUNNING, STOP)[0], "error")
-        assert d.try_set_state(STOP)[0] == 5  # EIO
+        assert d.try_set_state(STOP)[0] == EIO
         d.vdev.fail_arc = None
     elif cur == RESUMING:
         data = _stream(k, flags)
@@ -260,7 +270,7 @@ def _fd_alive(k: ModelKernel, fd: int, cur: int) -> bool:
         else:
             k.read(fd, 0)
     except OSError as e:
-        assert e.errno == 19  # ENODEV: session ended
+        assert e.errno == ENODEV  # session ended
         return False
     return True
 
@@ -278,7 +288,7 @@ def test_every_request_from_every_state(flags: int, cur: int) -> None:
         paths = oracle(flags, cur, new)
         where = (flags, NAMES[cur], new)
         if paths is None:
-            assert (e, data_fd, arcs) == (22, -1, []), where
+            assert (e, data_fd, arcs) == (EINVAL, -1, []), where
             assert d.get_state() == cur, where
             continue
         assert e == 0, where
@@ -313,9 +323,9 @@ def test_failed_arc_leaves_last_good_state(flags: int) -> None:
             for i, nxt in enumerate(path):
                 d, fd = reach(k, flags, cur)
                 prev = ([cur, *path])[i]
-                d.vdev.fail_arc = (prev, nxt, 16)  # EBUSY
+                d.vdev.fail_arc = (prev, nxt, EBUSY)
                 e, data_fd, echoed = d.try_set_state(new)
-                assert (e, data_fd) == (16, -1)
+                assert (e, data_fd) == (EBUSY, -1)
                 assert echoed[:4] == new.to_bytes(4, "little")
                 assert d.get_state() == prev, (flags, NAMES[cur], NAMES[new], i)
                 d.vdev.fail_arc = None
@@ -326,10 +336,10 @@ def test_set_to_current_state_is_a_noop_even_in_error(make_dev: Callable[..., De
     arcs = record_arcs(d)
     assert d.try_set_state(RUNNING)[:2] == (0, -1)
     d.vdev.fail_arc = (RUNNING, RUNNING_P2P, "error")
-    assert d.try_set_state(STOP)[0] == 5
+    assert d.try_set_state(STOP)[0] == EIO
     assert d.get_state() == ERROR
     assert d.try_set_state(ERROR)[:2] == (0, -1)  # ERROR -> ERROR: loop never runs
-    assert d.try_set_state(RUNNING)[:2] == (22, -1)  # WARN + EINVAL
+    assert d.try_set_state(RUNNING)[:2] == (EINVAL, -1)  # WARN + EINVAL
     assert d.vdev.warnings  # the kernel WARNs leaving ERROR through SET
     d.reset()
     assert d.get_state() == RUNNING

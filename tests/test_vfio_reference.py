@@ -4,17 +4,39 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import random
+import struct
 import tracemalloc
 from collections.abc import Callable
 
 import pytest
-from conftest import GET, SET, Dev, bits_of, errno_of, report, resume_stream, save_stream, start
+from conftest import (
+    GET,
+    SET,
+    Dev,
+    bits_of,
+    errno_of,
+    ioas_map,
+    report,
+    resume_stream,
+    save_stream,
+    start,
+)
 
 from vfiomig.kernel import ModelKernel
+from vfiomig.kernel.vfio_fsm import (
+    ERROR,
+    PRE_COPY,
+    PRE_COPY_P2P,
+    RESUMING,
+    RUNNING,
+    RUNNING_P2P,
+    STOP,
+    STOP_COPY,
+)
 from vfiomig.kernel.vfio_reference import gen_chunk, vfio_combine_iova_ranges
 from vfiomig.uapi import vfio as v
 
-STOP, RUNNING, STOP_COPY, RESUMING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P = 1, 2, 3, 4, 5, 6, 7
 KB, MB = 1024, 1 << 20
 
 
@@ -151,8 +173,6 @@ def test_a_resumed_stream_can_carry_arbitrary_bytes(make_dev: Callable[..., Dev]
 def test_resume_rejects_malformed_records(
     make_dev: Callable[..., Dev], field: str, value: int | None
 ) -> None:
-    import struct
-
     src = make_dev(state_size=8 * KB, chunk_size=4 * KB)
     data = bytearray(save_stream(src))
     chunk0 = 24 + 32  # the first CHUNK record follows the DEV record
@@ -221,7 +241,7 @@ def test_fail_arc_error_needs_reset(make_dev: Callable[..., Dev]) -> None:
     d = make_dev(migration_flags=5, fail_arc=("PRE_COPY", "STOP_COPY", "error"))
     fd = d.set_state(PRE_COPY)
     assert d.try_set_state(STOP_COPY)[0] == errno.EIO
-    assert d.get_state() == 0  # ERROR
+    assert d.get_state() == ERROR
     assert errno_of(d.k.read, fd, 10) == errno.ENODEV
     for s in (STOP, RUNNING, PRE_COPY, 9):
         assert d.try_set_state(s)[0] == errno.EINVAL
@@ -301,8 +321,6 @@ def test_defect_no_einval_blocked_arc(make_dev: Callable[..., Dev]) -> None:
 def test_combine_iova_ranges_matches_a_brute_force_oracle() -> None:
     """vfio_combine_iova_ranges against an independent rule: each merge joins the leftmost
     pair with the smallest gap."""
-    import random
-
     rnd = random.Random(1)
     for _ in range(200):
         starts = sorted(rnd.sample(range(0, 1000, 4), rnd.randint(2, 12)))
@@ -325,28 +343,8 @@ def test_precopy_info_v2_feature_probe_does_not_enable(ref: Dev) -> None:
 
 def test_device_dma_through_the_iommu_feeds_the_device_log(ref: Dev) -> None:
     """End to end: attach to an IOAS, let the device DMA, read its log through the uAPI."""
-    import ctypes
-
-    from vfiomig.uapi import iommufd as u
-
-    k = ref.k
-    ioas = u.iommu_ioas_alloc(size=ctypes.sizeof(u.iommu_ioas_alloc))
-    k.ioctl(ref.iommufd, u.IOMMU_IOAS_ALLOC, ioas)
-    addr, mem = k.mmap(MB)
-    rw = u.IOMMU_IOAS_MAP_FIXED_IOVA | u.IOMMU_IOAS_MAP_READABLE | u.IOMMU_IOAS_MAP_WRITEABLE
-    m = u.iommu_ioas_map(
-        size=ctypes.sizeof(u.iommu_ioas_map),
-        flags=rw,
-        ioas_id=ioas.out_ioas_id,
-        user_va=addr,
-        length=MB,
-        iova=MB,
-    )
-    k.ioctl(ref.iommufd, u.IOMMU_IOAS_MAP, m)
-    at = v.vfio_device_attach_iommufd_pt(
-        argsz=ctypes.sizeof(v.vfio_device_attach_iommufd_pt), pt_id=ioas.out_ioas_id
-    )
-    k.ioctl(ref.fd, v.VFIO_DEVICE_ATTACH_IOMMUFD_PT, at)
+    addr, mem = ref.k.mmap(MB)
+    ref.attach(ioas_map(ref.k, ref.iommufd, addr, MB, MB))
     assert start(ref, [(MB, MB)])[0] == 0
     before = state_bytes(ref)
     ref.hw.dma_write(MB + 0x5000, b"x" * 5000)  # pages 5 and 6 of the range

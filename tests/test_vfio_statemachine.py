@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 
-from conftest import GET, MIG_STATE, PROBE, SET, Dev, save_stream
+from conftest import GET, PROBE, SET, Dev, save_stream
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -74,14 +74,11 @@ class VfioMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.bound)
     @rule(state=STATES)
     def set_state(self, state: int) -> None:
-        mig = v.vfio_device_feature_mig_state(device_state=state, data_fd=-5)
-        buf = v.feature_buffer(SET | MIG_STATE, mig)
-        ok = self.call(self.k.ioctl, self.d.fd, v.VFIO_DEVICE_FEATURE, buf) is not None
-        dev_state, fd = struct.unpack_from("<Ii", buf, 8)
-        assert dev_state == state  # always echoed
-        if ok and fd >= 0:
+        e, fd, echoed = self.d.try_set_state(state)
+        assert struct.unpack_from("<I", echoed)[0] == state  # always echoed
+        if e == 0 and fd >= 0:
             self.data_fds.append(fd)
-        elif ok:
+        elif e == 0:
             assert fd == -1
 
     @precondition(lambda self: self.bound)
@@ -124,11 +121,9 @@ class VfioMachine(RuleBasedStateMachine):
     @rule()
     def migrate_in(self) -> None:
         """Load the saved stream: -> RESUMING, write it whole, -> STOP."""
-        mig = v.vfio_device_feature_mig_state(device_state=fsm.RESUMING)
-        buf = v.feature_buffer(SET | MIG_STATE, mig)
-        if self.call(self.k.ioctl, self.d.fd, v.VFIO_DEVICE_FEATURE, buf) is None:
+        e, fd, _ = self.d.try_set_state(fsm.RESUMING)
+        if e:
             return
-        fd = struct.unpack_from("<Ii", buf, 8)[1]
         if fd >= 0:
             self.data_fds.append(fd)
             assert self.k.write(fd, self.stream) == len(self.stream)
@@ -229,8 +224,7 @@ class VfioMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.bound)
     @rule()
     def reopen_device(self) -> None:
-        self.d.fd = self.k.open(self.d.path)
-        self.d.bind()
+        self.d.reopen()
         self.bound = True
         assert self.d.get_state() == fsm.RUNNING
 

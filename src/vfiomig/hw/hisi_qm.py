@@ -251,7 +251,6 @@ class HisiQmVf(DmaDevice):
         self.vf_id = vf_id
         self.dev_id = dev_id  # PCI device id (hisi_acc_vdev->vf_dev->device)
         self.wb_stuck = False  # fault injection: QM_CACHE_WB_DONE never rises
-        self.dropped_doorbells = 0
         self.flr()
 
     def flr(self) -> None:
@@ -288,8 +287,7 @@ class HisiQmVf(DmaDevice):
             self._xeq_head(QM_EQC_DW0 if cmd == QM_DOORBELL_CMD_EQ else QM_AEQC_DW0, index)
         elif off == QM_DOORBELL_SQ_CQ_BASE_V2 and cmd in (QM_DOORBELL_CMD_SQ, QM_DOORBELL_CMD_CQ):
             self._qp_doorbell(qn, cmd, index, priority)
-        else:
-            self.dropped_doorbells += 1
+        # any other doorbell is ignored
 
     def mb_write(self, raw: bytes) -> None:
         """The 128-bit mailbox write (qm_mb_write). A stuck mailbox keeps busy set."""
@@ -393,8 +391,7 @@ class HisiQmVf(DmaDevice):
             if priority:
                 return
         ctx = self.qp_context(qn)
-        if ctx is None:
-            self.dropped_doorbells += 1
+        if ctx is None:  # no context to move (never started, or its fetch was refused)
             return
         if cmd == QM_DOORBELL_CMD_SQ:
             ctx.sqc.tail = index

@@ -13,7 +13,6 @@ at an IOAS; DETACH undoes it (and is a no-op when nothing is attached).
 from __future__ import annotations
 
 import ctypes
-import struct
 from errno import EBADF, EBADFD, EBUSY, EFAULT, EINVAL, EOPNOTSUPP
 from typing import Any
 
@@ -62,16 +61,14 @@ def vfio_df_ioctl_bind_iommufd(df: Any, arg: UserArg | int) -> int:
     vdev = df.device
     if vdev.open_count:  # vfio_df_open: only the group path may open a device twice
         raise err(EINVAL)
-    if getattr(vdev, "emulated_iommu", False):
+    if vdev.emulated_iommu:
         obj: Any = iommufd_access_create(f.ictx, vdev)
         vdev.iommufd_access = obj
     else:
         obj = iommufd_device_bind(f.ictx, vdev)
-    vdev.iommufd_attached = False
     f.refs += 1  # iommufd_ctx_get: the device file keeps the iommufd alive
     df.iommufd, df.idev, df.access_granted = f, obj, True
     vdev.open_device()
-    bind.out_devid = obj.id
     # copy_to_user of out_devid only; a fault here undoes the bind (vfio_df_unbind_iommufd).
     try:
         arg.write(v.vfio_device_bind_iommufd.out_devid.offset, bytes(ctypes.c_uint32(obj.id)))
@@ -116,7 +113,7 @@ def _attach_ioas(df: Any, pt_id: int) -> int:
 
     vdev = df.device
     obj = df.idev
-    attached = getattr(vdev, "iommufd_attached", False)
+    attached = vdev.iommufd_attached
     if isinstance(obj, IommufdAccess):
         (iommufd_access_replace if attached else iommufd_access_attach)(obj, pt_id)
     else:
@@ -131,7 +128,7 @@ def _detach_ioas(df: Any) -> None:
     from vfiomig.kernel.iommufd.device import iommufd_device_detach
 
     vdev = df.device
-    if not getattr(vdev, "iommufd_attached", False):
+    if not vdev.iommufd_attached:
         return
     obj = df.idev
     if isinstance(obj, IommufdAccess):
@@ -147,16 +144,16 @@ def vfio_df_ioctl_attach_pt(df: Any, arg: UserArg | int) -> int:
     EOPNOTSUPP."""
     if isinstance(arg, int):
         raise err(EFAULT)
-    argsz, flags, pt_id = struct.unpack("<III", arg.read(0, _ATTACH_MINSZ))
-    if argsz < _ATTACH_MINSZ:
+    attach = arg.get(v.vfio_device_attach_iommufd_pt, size=_ATTACH_MINSZ)
+    if attach.argsz < _ATTACH_MINSZ:
         raise err(EINVAL)
-    if flags & ~v.VFIO_DEVICE_ATTACH_PASID:
+    if attach.flags & ~v.VFIO_DEVICE_ATTACH_PASID:
         raise err(EINVAL)
-    if flags & v.VFIO_DEVICE_ATTACH_PASID:
+    if attach.flags & v.VFIO_DEVICE_ATTACH_PASID:
         raise err(EOPNOTSUPP)
-    new_id = _attach_ioas(df, pt_id)
+    new_id = _attach_ioas(df, attach.pt_id)
     try:
-        arg.write(_PT_ID_OFF, struct.pack("<I", new_id))
+        arg.write(_PT_ID_OFF, bytes(ctypes.c_uint32(new_id)))
     except OSError:
         _detach_ioas(df)
         raise
@@ -166,12 +163,12 @@ def vfio_df_ioctl_attach_pt(df: Any, arg: UserArg | int) -> int:
 def vfio_df_ioctl_detach_pt(df: Any, arg: UserArg | int) -> int:
     if isinstance(arg, int):
         raise err(EFAULT)
-    argsz, flags = struct.unpack("<II", arg.read(0, _DETACH_MINSZ))
-    if argsz < _DETACH_MINSZ:
+    detach = arg.get(v.vfio_device_detach_iommufd_pt, size=_DETACH_MINSZ)
+    if detach.argsz < _DETACH_MINSZ:
         raise err(EINVAL)
-    if flags & ~v.VFIO_DEVICE_DETACH_PASID:
+    if detach.flags & ~v.VFIO_DEVICE_DETACH_PASID:
         raise err(EINVAL)
-    if flags & v.VFIO_DEVICE_DETACH_PASID:
+    if detach.flags & v.VFIO_DEVICE_DETACH_PASID:
         raise err(EOPNOTSUPP)
     _detach_ioas(df)
     return 0

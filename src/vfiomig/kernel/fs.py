@@ -62,10 +62,14 @@ class FdTable:
             raise err(EMFILE)
         return fd
 
-    def install(self, file: File) -> int:
-        fd = self.get_unused_fd()
+    def fd_install(self, fd: int, file: File) -> None:
+        """Point a reserved fd (get_unused_fd) at `file`."""
         self.files[fd] = file
         file.refs += 1
+
+    def install(self, file: File) -> int:
+        fd = self.get_unused_fd()
+        self.fd_install(fd, file)
         return fd
 
     def get(self, fd: int) -> File:

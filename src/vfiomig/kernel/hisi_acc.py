@@ -500,12 +500,9 @@ class HisiAccDevice(VfioDevice):
         """VFIO_DEVICE_RESET: the VF's FLR, then hisi_acc_vf_pci_aer_reset_done (7.0+:
         any device with mig_ops goes back to RUNNING with the VF NOT_READY)."""
         self.qm.flr()
-        if not self.migration_flags:
-            return
-        # hisi_acc_vf_reset
-        self.vf_qm_state = QM_NOT_READY
-        self.mig_state = RUNNING
-        self.disable_fds()
+        if self.migration_flags:  # hisi_acc_vf_reset: the core's RUNNING + disable_fds
+            self.vf_qm_state = QM_NOT_READY
+        super().reset()
 
 
 _ARCS = {

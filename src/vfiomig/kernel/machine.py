@@ -78,18 +78,19 @@ class ModelKernel:
         vfio_device_set_group(self, self.devices[path])  # its /dev/vfio/N group (group.c)
         return path
 
-    def device(self, path: str) -> Any:
-        """The hardware side of the device at `path` (DMA engine, faults, internal state)."""
+    def _vfio_device(self, path: str) -> Any:
         try:
-            return self.devices[path].hw
+            return self.devices[path]
         except (KeyError, TypeError):  # TypeError: not even a hashable path
             raise ValueError(f"no device at {path!r}") from None
 
+    def device(self, path: str) -> Any:
+        """The hardware side of the device at `path` (DMA engine, faults, internal state)."""
+        return self._vfio_device(path).hw
+
     def group_of(self, path: str) -> str:
-        try:
-            return str(self.devices[path].group_path)
-        except (KeyError, TypeError):
-            raise ValueError(f"no device at {path!r}") from None
+        """The legacy group node ("/dev/vfio/N") of the device at `path`."""
+        return str(self._vfio_device(path).group_path)
 
     # -- syscalls ------------------------------------------------------------------------
 

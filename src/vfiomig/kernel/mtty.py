@@ -22,7 +22,6 @@ Migration (mtty_step_state and friends):
 from __future__ import annotations
 
 import ctypes
-import struct
 from errno import EFAULT, EINVAL
 from typing import TYPE_CHECKING
 
@@ -31,7 +30,6 @@ from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import File
 from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
 from vfiomig.kernel.machine import DRIVERS
-from vfiomig.kernel.uaccess import UserArg
 from vfiomig.kernel.vfio_fsm import (
     PRE_COPY,
     PRE_COPY_P2P,
@@ -369,6 +367,7 @@ class MttyResumingFile(ResumingFile):
         self.data_size = mtty_data_size(dev.nr_ports)
         self.max_size = self.data_size
         self.buf = bytearray(ctypes.sizeof(mtty_data))
+        self.data = mtty_data.from_buffer(self.buf)  # a view: what consume() stores
         self.filled_size = 0
 
     def consume(self, data: bytes) -> int:
@@ -382,13 +381,13 @@ class MttyResumingFile(ResumingFile):
         return len(data)
 
     def _header_ok(self) -> bool:
-        magic, major, minor, nr_ports, flags = struct.unpack_from("<QIIII", self.buf)
-        return (
-            magic == MTTY_MAGIC
-            and not flags
-            and major == MTTY_MAJOR_VER
-            and minor == MTTY_MINOR_VER
-            and nr_ports == self.nr_ports
+        d = self.data
+        return bool(
+            d.magic == MTTY_MAGIC
+            and not d.flags
+            and d.major_ver == MTTY_MAJOR_VER
+            and d.minor_ver == MTTY_MINOR_VER
+            and d.nr_ports == self.nr_ports
         )
 
     def load_state(self, hw: MttyHw) -> None:
@@ -396,8 +395,7 @@ class MttyResumingFile(ResumingFile):
         if self.filled_size < self.data_size:
             raise err(EINVAL)
         for i in range(self.nr_ports):
-            off = HEADER_SIZE + i * PORT_SIZE
-            hw.ports[i] = serial_port.from_buffer_copy(self.buf[off : off + PORT_SIZE])
+            hw.ports[i] = serial_port.from_buffer_copy(self.data.ports[i])
 
     def disable(self) -> None:
         super().disable()
@@ -433,6 +431,7 @@ class MttyDevice(VfioDevice):
     migration_flags = v.VFIO_MIGRATION_STOP_COPY | v.VFIO_MIGRATION_P2P | v.VFIO_MIGRATION_PRE_COPY
     has_log_ops = True
     info_flags = v.VFIO_DEVICE_FLAGS_PCI  # mtty_get_device_info: no RESET flag
+    info_size = 16  # mtty_ioctl(VFIO_DEVICE_GET_INFO) copies exactly minsz = 16 bytes back
 
     def __init__(
         self, kernel: ModelKernel, index: int, *, nr_ports: int = 2, iommu_dirty: bool = True
@@ -446,7 +445,7 @@ class MttyDevice(VfioDevice):
         self.mtty_hw = MttyHw(self, nr_ports)
         self.hw = self.mtty_hw
 
-    # -- open / info -----------------------------------------------------------------
+    # -- open ------------------------------------------------------------------------
 
     def open_device(self) -> None:
         # mtty has no open_device op: its state is set once in mtty_init_dev and survives
@@ -454,19 +453,6 @@ class MttyDevice(VfioDevice):
         state = self.mig_state
         super().open_device()
         self.mig_state = state
-
-    def ioctl_get_info(self, arg: UserArg | int) -> int:
-        """mtty_ioctl(VFIO_DEVICE_GET_INFO): copies exactly minsz = 16 bytes each way."""
-        if isinstance(arg, int):
-            raise err(EFAULT)
-        argsz = struct.unpack("<I", arg.read(0, 16)[:4])[0]
-        if argsz < 16:
-            raise err(EINVAL)
-        info = v.vfio_device_info(
-            argsz=argsz, flags=self.info_flags, num_regions=self.num_regions, num_irqs=self.num_irqs
-        )
-        arg.write(0, bytes(info)[:16])
-        return 0
 
     # -- migration -------------------------------------------------------------------
 
@@ -514,12 +500,9 @@ class MttyDevice(VfioDevice):
     def get_data_size(self) -> int:
         return mtty_data_size(self.nr_ports)
 
-    def reset(self) -> None:
-        """mtty_reset -> mtty_state_mutex_unlock's deferred reset: RUNNING, files disabled.
-        (Deferral only matters with a concurrent state change, which the model has not.)
-        The UART ports keep their contents."""
-        self.mig_state = RUNNING
-        self.disable_fds()
+    # reset(): VfioDevice.reset is mtty_reset -> mtty_state_mutex_unlock's deferred reset:
+    # RUNNING, files disabled (deferral only matters with a concurrent state change, which
+    # the model has not). The UART ports keep their contents.
 
     # -- DMA logging: present, does nothing (mtty_log_start/stop/read_and_clear) --------
 

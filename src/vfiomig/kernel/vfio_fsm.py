@@ -31,6 +31,8 @@ RUNNING_P2P = int(v.VFIO_DEVICE_STATE_RUNNING_P2P)
 PRE_COPY = int(v.VFIO_DEVICE_STATE_PRE_COPY)
 PRE_COPY_P2P = int(v.VFIO_DEVICE_STATE_PRE_COPY_P2P)
 NUM_STATES = PRE_COPY_P2P + 1  # the tables' dimension
+# The states in which VFIO_MIG_GET_PRECOPY_INFO answers (vfio_check_precopy_ioctl's drivers).
+PRECOPY_STATES = (PRE_COPY, PRE_COPY_P2P)
 
 STATE_NAMES: tuple[str, ...] = (
     "ERROR",

@@ -21,6 +21,7 @@ migratable device):
     has_log_ops: bool = False          # False: DMA_LOGGING_* ENOTTY
     emulated_iommu: bool = False       # mdev-like: iommufd uses an ACCESS, not a domain
     info_flags, num_regions, num_irqs  # VFIO_DEVICE_GET_INFO
+    info_size: int = 24                # GET_INFO copies back min(argsz, info_size) bytes
     reset_works: bool = True           # VFIO_DEVICE_RESET allowed
     open_device() / close_device()     # ops->open_device (first open) / ->close_device (last
                                        # close); extend with super()
@@ -39,6 +40,7 @@ migratable device):
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 from collections.abc import Callable
@@ -46,6 +48,7 @@ from errno import E2BIG, EFAULT, EINVAL, ENOTTY, EOVERFLOW
 from typing import TYPE_CHECKING, Any
 
 from vfiomig.hw.memory import PAGE_SIZE
+from vfiomig.kernel import device_cdev
 from vfiomig.kernel.bitops import U64_MAX, ULONG_MAX
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import File
@@ -63,18 +66,14 @@ GET = v.VFIO_DEVICE_FEATURE_GET
 SET = v.VFIO_DEVICE_FEATURE_SET
 PROBE = v.VFIO_DEVICE_FEATURE_PROBE
 _FEATURE_FLAGS_OK = v.VFIO_DEVICE_FEATURE_MASK | GET | SET | PROBE
-# LOG_MAX_RANGES: the ranges must fit one kernel page (vfio_main.c)
-LOG_MAX_RANGES = PAGE_SIZE // 16
 
-_U32 = struct.Struct("<I")
+# The hot path (MIG_DEVICE_STATE, which a VMM polls) packs with struct rather than ctypes.
 _HDR = struct.Struct("<II")
 _MIG_STATE = struct.Struct("<Ii")
-_U64 = struct.Struct("<Q")
-_LOG_CONTROL = struct.Struct("<QIIQ")
-_LOG_RANGE = struct.Struct("<QQ")
-_LOG_REPORT = struct.Struct("<QQQQ")
+_LOG_RANGE_SIZE = ctypes.sizeof(v.vfio_device_feature_dma_logging_range)
+# LOG_MAX_RANGES: the ranges must fit one kernel page (vfio_main.c)
+LOG_MAX_RANGES = PAGE_SIZE // _LOG_RANGE_SIZE
 _DEVICE_INFO_MINSZ = 16  # offsetofend(struct vfio_device_info, num_irqs)
-_DEVICE_INFO_SIZE = 24
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,6 +90,7 @@ class VfioDevice:
     info_flags = v.VFIO_DEVICE_FLAGS_PCI | v.VFIO_DEVICE_FLAGS_RESET
     num_regions = v.VFIO_PCI_NUM_REGIONS
     num_irqs = v.VFIO_PCI_NUM_IRQS
+    info_size = ctypes.sizeof(v.vfio_device_info)  # vfio_pci_ioctl_get_info: min(argsz, 24)
     reset_works = True
 
     def __init__(self, kernel: ModelKernel, index: int, *, iommu_dirty: bool = True) -> None:
@@ -100,6 +100,9 @@ class VfioDevice:
         self.group_path = f"/dev/vfio/{index}"
         self.iommu_dirty = iommu_dirty  # the device's IOMMU can track dirty IOVAs
         self.hw: Any = None  # the hardware side (a DmaDevice for DMA-capable devices)
+        # set while bound to an iommufd (device_cdev.py)
+        self.iommufd_access: Any = None  # the ACCESS of an emulated-IOMMU device
+        self.iommufd_attached = False  # ATTACH_IOMMUFD_PT done (a second one replaces)
         self.mig_state = RUNNING
         self.precopy_info_v2 = False
         self.open_count = 0
@@ -185,16 +188,17 @@ class VfioDevice:
         raise err(ENOTTY)
 
     def ioctl_get_info(self, arg: UserArg | int) -> int:
-        """vfio_pci_ioctl_get_info: argsz >= 16, copy back min(argsz, 24) bytes."""
+        """vfio_pci_ioctl_get_info: copy in minsz = 16 bytes, argsz >= 16, copy back
+        min(argsz, info_size) bytes."""
         if isinstance(arg, int):
             raise err(EFAULT)
-        argsz = _U32.unpack(arg.read(0, _DEVICE_INFO_MINSZ)[:4])[0]
+        argsz = arg.get(v.vfio_device_info, size=_DEVICE_INFO_MINSZ).argsz
         if argsz < _DEVICE_INFO_MINSZ:
             raise err(EINVAL)
         info = v.vfio_device_info(
             argsz=argsz, flags=self.info_flags, num_regions=self.num_regions, num_irqs=self.num_irqs
         )
-        arg.write(0, bytes(info)[: min(argsz, _DEVICE_INFO_SIZE)])
+        arg.put(info, size=min(argsz, self.info_size))
         return 0
 
     def ioctl_reset(self) -> int:
@@ -252,9 +256,7 @@ class VfioDeviceFile(File):
     def release(self) -> None:
         """vfio_device_fops_release: the cdev path unbinds (which closes the device)."""
         if self.group is None:
-            from vfiomig.kernel.device_cdev import vfio_df_unbind_iommufd
-
-            vfio_df_unbind_iommufd(self)
+            device_cdev.vfio_df_unbind_iommufd(self)
         elif self.access_granted:
             self.access_granted = False
             vfio_df_close(self)
@@ -266,16 +268,11 @@ def vfio_device_fops_unl_ioctl(df: VfioDeviceFile, cmd: int, arg: UserArg | int)
             raise err(EINVAL)
         return vfio_ioctl_device_feature(df.device, arg)
     if cmd == v.VFIO_DEVICE_BIND_IOMMUFD:
-        from vfiomig.kernel.device_cdev import vfio_df_ioctl_bind_iommufd
-
-        return vfio_df_ioctl_bind_iommufd(df, arg)
+        return device_cdev.vfio_df_ioctl_bind_iommufd(df, arg)
     if not df.access_granted:  # paired with the store after vfio_df_open()
         raise err(EINVAL)
     if df.group is None and cmd in _CDEV_ONLY:  # cdev-only ioctls (device_cdev.py)
-        from vfiomig.kernel import device_cdev
-
-        op: Callable[[Any, UserArg | int], int] = getattr(device_cdev, _CDEV_ONLY[cmd])
-        return op(df, arg)
+        return _CDEV_ONLY[cmd](df, arg)
     dev = df.device
     if cmd == v.VFIO_DEVICE_GET_INFO:
         return dev.ioctl_get_info(arg)
@@ -284,9 +281,9 @@ def vfio_device_fops_unl_ioctl(df: VfioDeviceFile, cmd: int, arg: UserArg | int)
     return dev.device_ioctl(cmd, arg)
 
 
-_CDEV_ONLY = {
-    v.VFIO_DEVICE_ATTACH_IOMMUFD_PT: "vfio_df_ioctl_attach_pt",
-    v.VFIO_DEVICE_DETACH_IOMMUFD_PT: "vfio_df_ioctl_detach_pt",
+_CDEV_ONLY: dict[int, Callable[[Any, UserArg | int], int]] = {
+    v.VFIO_DEVICE_ATTACH_IOMMUFD_PT: device_cdev.vfio_df_ioctl_attach_pt,
+    v.VFIO_DEVICE_DETACH_IOMMUFD_PT: device_cdev.vfio_df_ioctl_detach_pt,
 }
 
 
@@ -330,7 +327,7 @@ def _feature_migration(dev: VfioDevice, flags: int, arg: UserArg, argsz: int) ->
     if not dev.migration_flags:
         raise err(ENOTTY)
     if vfio_check_feature(flags, argsz, GET, 8):
-        arg.write(FEATURE_HDR, _U64.pack(dev.migration_flags))
+        arg.put(v.vfio_device_feature_migration(flags=dev.migration_flags), FEATURE_HDR)
     return 0
 
 
@@ -363,8 +360,7 @@ def _mig_return_fd(dev: VfioDevice, filp: File, arg: UserArg, state: int) -> int
     fdt = dev.kernel.fdt
     fd = fdt.get_unused_fd()  # EMFILE
     arg.write(FEATURE_HDR, _MIG_STATE.pack(state, fd))  # EFAULT
-    fdt.files[fd] = filp  # fd_install (O_CLOEXEC is not modelled: no exec here)
-    filp.refs += 1
+    fdt.fd_install(fd, filp)  # O_CLOEXEC is not modelled: no exec here
     return 0
 
 
@@ -372,7 +368,8 @@ def _feature_mig_data_size(dev: VfioDevice, flags: int, arg: UserArg, argsz: int
     if not dev.migration_flags:
         raise err(ENOTTY)
     if vfio_check_feature(flags, argsz, GET, 8):
-        arg.write(FEATURE_HDR, _U64.pack(dev.get_data_size() & U64_MAX))
+        size = v.vfio_device_feature_mig_data_size(stop_copy_length=dev.get_data_size() & U64_MAX)
+        arg.put(size, FEATURE_HDR)
     return 0
 
 
@@ -394,20 +391,20 @@ def _feature_logging_start(dev: VfioDevice, flags: int, arg: UserArg, argsz: int
     """vfio_ioctl_device_feature_logging_start."""
     if not dev.has_log_ops:
         raise err(ENOTTY)
-    if not vfio_check_feature(flags, argsz, SET, _LOG_CONTROL.size):
+    control_cls = v.vfio_device_feature_dma_logging_control
+    if not vfio_check_feature(flags, argsz, SET, ctypes.sizeof(control_cls)):
         return 0
-    page_size, nnodes, reserved, ranges_ptr = _LOG_CONTROL.unpack(
-        arg.read(FEATURE_HDR, _LOG_CONTROL.size)
-    )
+    control = arg.get(control_cls, FEATURE_HDR)
+    nnodes = control.num_ranges
     if not nnodes:
         raise err(EINVAL)
     if nnodes > LOG_MAX_RANGES:
         raise err(E2BIG)
-    nodes = _read_log_ranges(dev, ranges_ptr, nnodes, page_size)
+    nodes = _read_log_ranges(dev, control.ranges, nnodes, control.page_size)
     ranges = [(start, length) for start, _last, length in sorted(nodes, key=lambda n: n[0])]
-    page_size = dev.log_start(ranges, page_size) & U64_MAX
+    control.page_size = dev.log_start(ranges, control.page_size) & U64_MAX
     try:
-        arg.write(FEATURE_HDR, _LOG_CONTROL.pack(page_size, nnodes, reserved, ranges_ptr))
+        arg.put(control, FEATURE_HDR)
     except OSError:
         dev.log_stop()
         raise
@@ -422,9 +419,11 @@ def _read_log_ranges(
     nodes: list[tuple[int, int, int]] = []
     for i in range(nnodes):
         try:
-            iova, length = _LOG_RANGE.unpack(mm.read(ptr + 16 * i, 16))
+            raw = mm.read(ptr + _LOG_RANGE_SIZE * i, _LOG_RANGE_SIZE)
         except OSError:
             raise err(EFAULT) from None
+        node = v.vfio_device_feature_dma_logging_range.from_buffer_copy(raw)
+        iova, length = node.iova, node.length
         if not _is_aligned(iova, page_size) or not _is_aligned(length, page_size):
             raise err(EINVAL)
         if iova + length > ULONG_MAX:  # check_add_overflow || iova_end > ULONG_MAX
@@ -449,9 +448,11 @@ def _feature_logging_report(dev: VfioDevice, flags: int, arg: UserArg, argsz: in
     """vfio_ioctl_device_feature_logging_report + iova_bitmap_for_each."""
     if not dev.has_log_ops:
         raise err(ENOTTY)
-    if not vfio_check_feature(flags, argsz, GET, _LOG_REPORT.size):
+    report_cls = v.vfio_device_feature_dma_logging_report
+    if not vfio_check_feature(flags, argsz, GET, ctypes.sizeof(report_cls)):
         return 0
-    iova, length, page_size, bitmap = _LOG_REPORT.unpack(arg.read(FEATURE_HDR, _LOG_REPORT.size))
+    report = arg.get(report_cls, FEATURE_HDR)
+    iova, length, page_size, bitmap = report.iova, report.length, report.page_size, report.bitmap
     if page_size < 4096 or page_size & (page_size - 1):
         raise err(EINVAL)
     if iova + length > ULONG_MAX:

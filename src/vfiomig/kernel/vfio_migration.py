@@ -3,16 +3,14 @@
 What a driver writes (see vfio_reference.py for a complete one):
 
     class MySaving(SavingFile):
-        @abstractmethod
-    def produce(self, n: int) -> bytes: ...        # next <= n bytes of the stream; raise
+        def produce(self, n: int) -> bytes: ...        # next <= n bytes of the stream; raise
                                                        # err(ENOMSG) at a temporary end (PRE_COPY)
                                                        # or return b"" at the end (STOP_COPY)
         def precopy_info(self, info) -> None: ...      # fill initial_bytes / dirty_bytes; may
                                                        # set VFIO_PRECOPY_INFO_REINIT if v2
     class MyResuming(ResumingFile):
         max_size = 176                                 # optional: pos + len > max_size: ENOMEM
-        @abstractmethod
-    def consume(self, data: bytes) -> int: ...     # accept bytes; raise err(...) to refuse
+        def consume(self, data: bytes) -> int: ...     # accept bytes; raise err(...) to refuse
 
     class MyDevice(VfioDevice):
         def step(self, cur, new) -> File | None: ...   # execute ONE arc; return a new data file
@@ -44,7 +42,7 @@ and close_device do (`device.disable_fds()`).
 
 from __future__ import annotations
 
-import struct
+import ctypes
 from abc import ABC, abstractmethod
 from errno import EFAULT, EINVAL, ENODEV, ENOMEM, ENOTTY
 from typing import TYPE_CHECKING
@@ -52,14 +50,13 @@ from typing import TYPE_CHECKING
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import File
 from vfiomig.kernel.uaccess import UserArg
-from vfiomig.kernel.vfio_fsm import PRE_COPY, PRE_COPY_P2P, state_name, vfio_mig_get_next_state
+from vfiomig.kernel.vfio_fsm import PRECOPY_STATES, state_name, vfio_mig_get_next_state
 from vfiomig.uapi import vfio as v
 
 if TYPE_CHECKING:
     from vfiomig.kernel.vfio_main import VfioDevice
 
-PRECOPY_INFO_SIZE = 24  # offsetofend(struct vfio_precopy_info, dirty_bytes)
-_PRECOPY = struct.Struct("<IIQQ")
+PRECOPY_INFO_SIZE = ctypes.sizeof(v.vfio_precopy_info)  # offsetofend(.., dirty_bytes) = 24
 
 
 class MigrationFile(File):
@@ -91,7 +88,7 @@ class SavingFile(MigrationFile, ABC):
     writable = False
     # Device states in which VFIO_MIG_GET_PRECOPY_INFO is allowed (hisi: PRE_COPY only,
     # which is the same thing for a device without P2P).
-    precopy_states: tuple[int, ...] = (PRE_COPY, PRE_COPY_P2P)
+    precopy_states: tuple[int, ...] = PRECOPY_STATES
 
     def read(self, n: int) -> bytes:
         if self.disabled:
@@ -110,19 +107,19 @@ class SavingFile(MigrationFile, ABC):
             raise err(ENOTTY)
         if isinstance(arg, int):
             raise err(EFAULT)
-        argsz, flags, _, _ = _PRECOPY.unpack(arg.read(0, PRECOPY_INFO_SIZE))
-        if argsz < PRECOPY_INFO_SIZE:
+        user = arg.get(v.vfio_precopy_info)  # copy_from_user of all 24 bytes: EFAULT
+        if user.argsz < PRECOPY_INFO_SIZE:
             raise err(EINVAL)
-        if self.device.precopy_info_v2:
-            flags = 0  # v2: flags are output; v1 keeps the caller's (bug-compatible)
+        # v2: flags are output; v1 keeps the caller's (bug-compatible)
+        flags = 0 if self.device.precopy_info_v2 else user.flags
         # driver part (mlx5vf_precopy_ioctl, mtty_precopy_ioctl, hisi_acc_vf_precopy_ioctl)
         if self.device.mig_state not in self.precopy_states:
             raise err(EINVAL)
         if self.disabled:
             raise err(ENODEV)
-        info = v.vfio_precopy_info(argsz=argsz, flags=flags)
+        info = v.vfio_precopy_info(argsz=user.argsz, flags=flags)
         self.precopy_info(info)
-        arg.write(0, bytes(info)[:PRECOPY_INFO_SIZE])
+        arg.put(info)
         return 0
 
     @abstractmethod

@@ -61,13 +61,16 @@ import numpy as np
 import numpy.typing as npt
 
 from vfiomig.hw.device import DmaDevice
+from vfiomig.kernel.bitops import U64_MAX
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import File
 from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
 from vfiomig.kernel.machine import DRIVERS, ModelKernel
 from vfiomig.kernel.vfio_fsm import (
+    ERROR,
     PRE_COPY,
     PRE_COPY_P2P,
+    PRECOPY_STATES,
     RESUMING,
     RUNNING,
     RUNNING_P2P,
@@ -77,7 +80,7 @@ from vfiomig.kernel.vfio_fsm import (
     state_from_name,
     state_supported,
 )
-from vfiomig.kernel.vfio_main import U64_MAX, VfioDevice
+from vfiomig.kernel.vfio_main import VfioDevice
 from vfiomig.kernel.vfio_migration import ResumingFile, SavingFile, mig_set_state
 from vfiomig.uapi import vfio as v
 
@@ -92,7 +95,6 @@ DEFECTS = frozenset(
     }
 )
 RUNNING_STATES = frozenset({RUNNING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P})
-PRECOPY_STATES = (PRE_COPY, PRE_COPY_P2P)
 
 MAGIC = 0x56524546  # "VREF"
 REC_DEV, REC_CHUNK, REC_END = 1, 2, 3
@@ -102,7 +104,6 @@ _END = struct.Struct("<QQ")  # steps, nchunks
 DEV_RECORD = _REC.size + _DEV.size
 END_RECORD = _REC.size + _END.size
 
-_M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 
 
@@ -118,13 +119,13 @@ def _splitmix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
 
 def gen_chunk(seed: int, index: int, version: int, n: int) -> bytes:
     """The n bytes of chunk `index` at `version` of a device seeded `seed`."""
-    base = (seed * _GOLDEN + (index << 32) + version * 0xD1B54A32D192ED03) & _M64
+    base = (seed * _GOLDEN + (index << 32) + version * 0xD1B54A32D192ED03) & U64_MAX
     words = np.arange((n + 7) // 8, dtype=np.uint64) * np.uint64(_GOLDEN) + np.uint64(base)
     return _splitmix(words).tobytes()[:n]
 
 
 def _mix(seed: int, steps: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    return _splitmix(steps * np.uint64(_GOLDEN) + np.uint64((seed ^ 0x5EED) & _M64))
+    return _splitmix(steps * np.uint64(_GOLDEN) + np.uint64((seed ^ 0x5EED) & U64_MAX))
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def vfio_combine_iova_ranges(nodes: list[list[int]], req: int) -> list[list[int]
     if req == 1:
         return [[nodes[0][0], nodes[-1][1]]]
     while len(nodes) > req:
-        gaps = [(nodes[i][0] - nodes[i - 1][1]) & _M64 for i in range(1, len(nodes))]
+        gaps = [(nodes[i][0] - nodes[i - 1][1]) & U64_MAX for i in range(1, len(nodes))]
         i = gaps.index(min(gaps)) + 1
         nodes[i - 1][1] = nodes[i][1]
         del nodes[i]
@@ -661,7 +662,7 @@ class ReferenceDevice(VfioDevice):
         mode = self.fail_arc[2]
         if mode == "error":
             self.disable_fds()
-            self.mig_state = v.VFIO_DEVICE_STATE_ERROR
+            self.mig_state = ERROR
             raise err(EIO)
         assert isinstance(mode, int)
         raise err(mode)
