@@ -13,7 +13,7 @@ import pytest
 import vfiomig.conformance as suite
 from vfiomig.conformance import runner
 from vfiomig.conformance import stream as stream_mod
-from vfiomig.host import LinuxTransport, Syscalls
+from vfiomig.host import LinuxTransport, Syscalls, fsm
 from vfiomig.host.transport import IoctlArg
 from vfiomig.tools import conformance as conf
 from vfiomig.uapi import iommufd as u
@@ -30,6 +30,26 @@ def _args(*argv: str) -> argparse.Namespace:
 def _results(*argv: str) -> dict[str, suite.CheckResult]:
     target = conf.target_from_args(_args(*argv))
     return {r.name: r for r in suite.run_suite(target)}
+
+
+@pytest.mark.parametrize("flags", [1, 3, 5, 7])
+def test_the_suites_fsm_agrees_with_the_uapi_oracles(flags: int) -> None:
+    # vfiomig.host.fsm is what the suite judges a kernel by, so it is checked here against the
+    # oracles of test_vfio_fsm (the spec tables, the header's arcs and its data-fd rules),
+    # not against the model kernel's table.
+    from test_vfio_fsm import FD_ARCS, oracle, spec_table
+
+    for (cur, new), want in spec_table(flags).items():
+        got = fsm.path(flags, cur, new)
+        assert (None if got is None else tuple(got)) == want, (flags, cur, new)
+        paths = oracle(flags, cur, new)
+        assert (got is None) == (paths is None) and (got is None or tuple(got) in paths)
+        if got:
+            last_arc = ((got[-2] if len(got) > 1 else cur), got[-1])
+            assert (fsm.fd_expected(flags, cur, new) is not None) == (last_arc in FD_ARCS)
+    assert {(a, b) for a, b in fsm.blocked_arcs(flags)} == {
+        arc for arc, want in spec_table(flags).items() if want is None
+    }
 
 
 def test_every_check_runs_once_and_names_are_unique() -> None:
@@ -99,9 +119,9 @@ def test_hisi_acc_only_departs_on_its_latched_resume_check() -> None:
     # opened again: a second resume within one open accepts a corrupted 40-byte stream.
     res = _results("--model", "hisi_acc")
     failed = {n: r.reason for n, r in res.items() if r.status == FAIL}
-    assert set(failed) <= {"resume-rejects-bad-streams"}
-    if failed:
-        assert "had loaded" in failed["resume-rejects-bad-streams"]
+    assert set(failed) == {"resume-rejects-bad-streams"}
+    reason = failed["resume-rejects-bad-streams"]
+    assert "accepted a corrupted resume stream" in reason and "had loaded" in reason
     assert res["dma-logging-validation"].status == PASS  # ENOTTY without log ops
     assert res["precopy-roundtrip"].status == PASS
     assert res["p2p-quiescence"].status == SKIP
@@ -331,10 +351,22 @@ def test_bad_argument_combinations_are_usage_errors(
 
 def test_pair_options_reach_the_model() -> None:
     # MIN/MAX options are parsed into the pair the device expects (a 64 KiB minimum log
-    # page: the report check then negotiates 64 KiB and skips as too coarse).
+    # page: the report check negotiates 64 KiB, still fine enough for its 256 KiB window).
     target = conf.target_from_args(_args("--model", "reference:log_page_shift=16/21"))
     (res,) = suite.run_suite(target, ["dma-logging-report"])
     assert res.status == PASS and "at 0x10000" in res.reason
+
+
+def test_devices_the_suite_adds_get_the_checked_options() -> None:
+    # The mismatched and fault-injected devices are built from the --model options too: they
+    # must get the parsed values (the pair 16/21), not the text of the command line.
+    target = conf.target_from_args(_args("--model", "reference:log_page_shift=16/21"))
+    res = suite.run_suite(target, ["resume-rejects-bad-streams", "error-recovery"])
+    assert [(r.name, r.status) for r in res] == [
+        ("resume-rejects-bad-streams", PASS),
+        ("error-recovery", PASS),
+    ], [r.reason for r in res]
+    assert "mismatched: " in res[0].reason
 
 
 def test_a_teardown_failure_keeps_the_setup_result() -> None:

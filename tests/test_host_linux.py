@@ -466,7 +466,7 @@ def test_migration_file_reads_writes_and_precopy_info(
         return 0
 
     fake.handlers[v.VFIO_MIG_GET_PRECOPY_INFO] = info
-    with MigrationFile(t, fd, saving=True, state=MigrationState.PRE_COPY) as f:
+    with MigrationFile(t, fd, saving=True) as f:
         p = f.precopy_info(flags=0x55)
         assert (p.initial_bytes, p.dirty_bytes, p.flags) == (40, 8, 0x55)  # v1 echo
         assert f.read_available() == b"abcdefg"  # stops at ENOMSG
@@ -478,7 +478,7 @@ def test_migration_file_reads_writes_and_precopy_info(
     raw = fake.ioctls(v.VFIO_MIG_GET_PRECOPY_INFO)[0][3]
     assert raw == struct.pack("<IIQQ", 24, 0x55, 0, 0)
     rfd = fake.new_fd()
-    with MigrationFile(t, rfd, saving=False, state=MigrationState.RESUMING) as w:
+    with MigrationFile(t, rfd, saving=False) as w:
         w.write_all(b"0123456789abcdef")  # fake takes 5 bytes a call
     assert bytes(fake.written[rfd]) == b"0123456789abcdef"
     assert fake.open_fds == set()
@@ -674,7 +674,7 @@ def test_an_oversized_dirty_bitmap_is_refused_before_the_kernel_writes_past_it(
     with Iommufd(t) as ictx, VfioDevice(t, "/dev/vfio/devices/vfio0") as dev:
         from vfiomig.host.iommufd import Hwpt
 
-        hwpt = Hwpt(ictx, 9, None, True)
+        hwpt = Hwpt(ictx, 9)
         with pytest.raises(ValueError, match="ask in parts"):
             hwpt.get_dirty_bitmap(0, huge, 4096)
         with pytest.raises(ValueError, match="ask in parts"):
@@ -763,7 +763,7 @@ def test_every_other_call_sends_the_kernels_request_and_bytes(
         b.destroy()  # struct iommu_destroy {size, id}
         assert last() == (IOMMU_DESTROY, struct.pack("<II", 8, 4))
 
-        hwpt = Hwpt(ictx, 9, a, True)
+        hwpt = Hwpt(ictx, 9)
         hwpt.get_dirty_bitmap(0x40000, 0x10000, 4096)
         # struct iommu_hwpt_get_dirty_bitmap {size, hwpt_id, flags, rsvd, iova, length,
         # page_size, data}

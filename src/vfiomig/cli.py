@@ -7,24 +7,19 @@ import importlib
 import os
 import sys
 
-# subcommand -> (module under vfiomig.tools, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("demo", "walk a VFIO migration with IOMMU dirty tracking on the model kernel"),
-    "probe": ("probe", "what a host offers: IOMMU dirty tracking, devices, migration flags"),
-    "conformance": ("conformance", "migration conformance suite for one VFIO device"),
+# subcommand (its module is vfiomig.tools.<subcommand>) -> one-line help
+COMMANDS: dict[str, str] = {
+    "demo": "walk a VFIO migration with IOMMU dirty tracking on the model kernel",
+    "probe": "what a host offers: IOMMU dirty tracking, devices, migration flags",
+    "conformance": "migration conformance suite for one VFIO device",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vfiomig", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        try:
-            mod = importlib.import_module(f"vfiomig.tools.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"vfiomig.tools.{module}":
-                raise
-            continue  # a subcommand whose module has not landed yet is simply absent
+    for name, help_text in COMMANDS.items():
+        mod = importlib.import_module(f"vfiomig.tools.{name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p)
         p.set_defaults(run=mod.run)

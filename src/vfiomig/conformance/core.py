@@ -275,6 +275,24 @@ class Ctx:
                 f.write_all(chunk)
         return f
 
+    def open_session(self, dev: VfioDevice, state: int) -> MigrationFile:
+        """From RUNNING, SET ``state`` (PRE_COPY, STOP_COPY or RESUMING): the data fd that
+        SET must return."""
+        return _needs_fd(self.enter(dev, state), S.RUNNING, state)
+
+    def stop_copy(self, dev: VfioDevice) -> MigrationFile:
+        """From STOP, SET STOP_COPY: the saving fd that SET must return."""
+        return _needs_fd(self.set(dev, S.STOP_COPY), S.STOP, S.STOP_COPY)
+
+    def same_session(self, dev: VfioDevice, state: int) -> None:
+        """SET ``state`` on an arc inside the open saving session: no new data fd."""
+        was = self.last[dev.path]
+        if self.set(dev, state) is not None:
+            raise Fail(
+                f"data fd on the wrong arc: {state_name(was)} -> {state_name(state)} "
+                "returned a new data fd"
+            )
+
     def save(
         self,
         dev: VfioDevice,
@@ -297,27 +315,19 @@ class Ctx:
                 phases.append((phase, out.length - before))
 
         if via_precopy:
-            f = self.enter(dev, S.PRE_COPY)
-            if f is None:
-                raise Fail("RUNNING -> PRE_COPY returned no data fd")
+            f = self.open_session(dev, S.PRE_COPY)
             take("PRE_COPY", f.chunks(READ_CHUNK))
             if meanwhile is not None:
                 meanwhile()
             take("PRE_COPY again", f.chunks(READ_CHUNK))
             if self.flags & MigrationFlags.P2P:
-                if self.set(dev, S.PRE_COPY_P2P) is not None:
-                    raise Fail(
-                        "data fd on the wrong arc: PRE_COPY -> PRE_COPY_P2P returned a data fd"
-                    )
+                self.same_session(dev, S.PRE_COPY_P2P)
                 take("PRE_COPY_P2P", f.chunks(READ_CHUNK))
-            if self.set(dev, S.STOP_COPY) is not None:
-                raise Fail("data fd on the wrong arc: PRE_COPY -> STOP_COPY returned a new data fd")
+            self.same_session(dev, S.STOP_COPY)
         else:
             if self.state(dev) != S.STOP:
                 self.enter(dev, S.STOP)
-            f = self.set(dev, S.STOP_COPY)
-            if f is None:
-                raise Fail("STOP -> STOP_COPY returned no data fd")
+            f = self.stop_copy(dev)
         before = out.length
         read_to_eof(f, out.add)
         if phases is not None:
@@ -339,6 +349,12 @@ class Ctx:
             self._stream = self.save(self.a)
             self.settle()
         return self._stream
+
+
+def _needs_fd(f: MigrationFile | None, cur: int, new: int) -> MigrationFile:
+    if f is None:
+        raise Fail(f"{state_name(cur)} -> {state_name(new)} returned no data fd")
+    return f
 
 
 def read_to_eof(f: MigrationFile, take: Callable[[bytes], None]) -> None:
@@ -394,7 +410,3 @@ def checker(into: list[CheckSpec]) -> Callable[[str, str], Callable[[Check], Che
         return deco
 
     return check
-
-
-def flag_names(flags: int) -> list[str]:
-    return [f.name for f in MigrationFlags if f & flags and f.name is not None]

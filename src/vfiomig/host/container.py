@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from errno import E2BIG
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes
 from vfiomig.host.device import VfioDevice
 from vfiomig.host.errors import ContainerError, GroupError, OpenError, VfioError, call
-from vfiomig.host.memory import Scratch, UserBuffer
+from vfiomig.host.memory import Scratch, UserBuffer, user_range
 from vfiomig.host.resource import Resource
 from vfiomig.host.transport import VFIO_CONTAINER_PATH, Transport
 from vfiomig.uapi import vfio as v
@@ -106,11 +107,7 @@ class Container(Resource):
         readable: bool = True,
         writeable: bool = True,
     ) -> None:
-        vaddr = user.addr if isinstance(user, UserBuffer) else user
-        if size is None:
-            if not isinstance(user, UserBuffer):
-                raise ValueError("size is required when mapping a raw address")
-            size = user.length
+        vaddr, size = user_range(user, size, "size")
         flags = (v.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (
             v.VFIO_DMA_MAP_FLAG_WRITE if writeable else 0
         )
@@ -136,16 +133,29 @@ class Container(Resource):
 
     def unmap_dma_dirty(self, iova: int, size: int, pgsize: int) -> tuple[int, DirtyBitmap]:
         """VFIO_IOMMU_UNMAP_DMA with GET_DIRTY_BITMAP: report, then unmap."""
-        nbytes = bitmap_bytes(size, pgsize)
-        mem = self.scratch.get("unmap_bitmap", min(nbytes, MAX_BITMAP_BYTES))
-        bm = v.vfio_bitmap(pgsize=pgsize, size=nbytes)
-        bm.data = ctypes.cast(mem.addr, ctypes.POINTER(ctypes.c_uint64))
+        bm, read = self._user_bitmap("unmap_bitmap", iova, size, pgsize)
         buf = v.unmap_dma_buffer(iova, size, v.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, bm)
         op = f"VFIO_IOMMU_UNMAP_DMA({iova:#x}, {size:#x}, GET_DIRTY_BITMAP)"
         self.ioctl(v.VFIO_IOMMU_UNMAP_DMA, buf, op)
-        unmapped = int(v.vfio_iommu_type1_dma_unmap.from_buffer(buf).size)
-        words = mem.words(min(nbytes, MAX_BITMAP_BYTES))
-        return unmapped, DirtyBitmap.from_words(iova, size, pgsize, words)
+        return int(v.vfio_iommu_type1_dma_unmap.from_buffer(buf).size), read()
+
+    def _user_bitmap(
+        self, name: str, iova: int, size: int, pgsize: int
+    ) -> tuple[v.vfio_bitmap, Callable[[], DirtyBitmap]]:
+        """A struct vfio_bitmap over scratch user memory (``uapi.vfio.alloc_bitmap`` would put
+        it in this process's heap, which the model kernel cannot reach), and a function that
+        reads what the kernel wrote there. type1 itself refuses a bitmap over
+        MAX_BITMAP_BYTES (EINVAL) before writing it."""
+        nbytes = bitmap_bytes(size, pgsize)
+        mem = self.scratch.get(name, min(nbytes, MAX_BITMAP_BYTES))
+        bm = v.vfio_bitmap(pgsize=pgsize, size=nbytes)
+        bm.data = ctypes.cast(mem.addr, ctypes.POINTER(ctypes.c_uint64))
+
+        def read() -> DirtyBitmap:
+            words = mem.words(min(nbytes, MAX_BITMAP_BYTES))
+            return DirtyBitmap.from_words(iova, size, pgsize, words)
+
+        return bm, read
 
     def _dirty_pages(self, flags: int, op: str, get: Any = None) -> bytearray:
         buf = v.dirty_pages_buffer(flags, get)
@@ -160,15 +170,11 @@ class Container(Resource):
 
     def dirty_pages_bitmap(self, iova: int, size: int, pgsize: int) -> DirtyBitmap:
         """VFIO_IOMMU_DIRTY_PAGES GET_BITMAP (pgsize must be the container's minimum)."""
-        nbytes = bitmap_bytes(size, pgsize)
-        mem = self.scratch.get("dirty_bitmap", min(nbytes, MAX_BITMAP_BYTES))
-        bm = v.vfio_bitmap(pgsize=pgsize, size=nbytes)
-        bm.data = ctypes.cast(mem.addr, ctypes.POINTER(ctypes.c_uint64))
+        bm, read = self._user_bitmap("dirty_bitmap", iova, size, pgsize)
         get = v.vfio_iommu_type1_dirty_bitmap_get(iova=iova, size=size, bitmap=bm)
         op = f"VFIO_IOMMU_DIRTY_PAGES(GET_BITMAP, {iova:#x}, {size:#x}, {pgsize:#x})"
         self._dirty_pages(v.VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP, op, get)
-        words = mem.words(min(nbytes, MAX_BITMAP_BYTES))
-        return DirtyBitmap.from_words(iova, size, pgsize, words)
+        return read()
 
     def _release(self) -> None:
         self.scratch.close()

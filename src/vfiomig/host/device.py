@@ -23,7 +23,7 @@ import enum
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from errno import EINVAL, ENOTTY
+from errno import EINVAL
 from typing import Any
 
 from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes, check_bitmap_size
@@ -81,6 +81,11 @@ class MigrationFlags(enum.IntFlag):
     STOP_COPY = v.VFIO_MIGRATION_STOP_COPY
     P2P = v.VFIO_MIGRATION_P2P
     PRE_COPY = v.VFIO_MIGRATION_PRE_COPY
+
+
+def flag_names(flags: int) -> list[str]:
+    """``["STOP_COPY", "PRE_COPY"]`` for 5: the migration flags set in ``flags``."""
+    return [f.name for f in MigrationFlags if f & flags and f.name is not None]
 
 
 FEATURE_NAMES = {
@@ -153,8 +158,6 @@ class VfioDevice(Resource):
         if fd is None:
             fd = call(OpenError, f"open({path})", transport.open, path, os.O_RDWR)
         self.fd = fd
-        self.dev_id: int | None = None
-        self.pt_id: int | None = None
         self.scratch = Scratch(transport.mmap)
 
     # -- plumbing -----------------------------------------------------------------------
@@ -198,8 +201,7 @@ class VfioDevice(Resource):
             argsz=ctypes.sizeof(v.vfio_device_bind_iommufd), flags=0, iommufd=iommufd.fd
         )
         self.ioctl(v.VFIO_DEVICE_BIND_IOMMUFD, bind, "VFIO_DEVICE_BIND_IOMMUFD")
-        self.dev_id = int(bind.out_devid)
-        return self.dev_id
+        return int(bind.out_devid)
 
     def attach(self, pt: Ioas | Hwpt | int) -> int:
         """VFIO_DEVICE_ATTACH_IOMMUFD_PT to an IOAS (automatic domain) or a HWPT; a second
@@ -211,15 +213,13 @@ class VfioDevice(Resource):
         self.ioctl(
             v.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach, f"VFIO_DEVICE_ATTACH_IOMMUFD_PT({pt_id})"
         )
-        self.pt_id = int(attach.pt_id)
-        return self.pt_id
+        return int(attach.pt_id)
 
     def detach(self) -> None:
         detach = v.vfio_device_detach_iommufd_pt(
             argsz=ctypes.sizeof(v.vfio_device_detach_iommufd_pt), flags=0
         )
         self.ioctl(v.VFIO_DEVICE_DETACH_IOMMUFD_PT, detach, "VFIO_DEVICE_DETACH_IOMMUFD_PT")
-        self.pt_id = None
 
     # -- device -------------------------------------------------------------------------
 
@@ -285,9 +285,7 @@ class VfioDevice(Resource):
         data_fd = int(v.feature_payload(buf, v.vfio_device_feature_mig_state).data_fd)
         if data_fd < 0:
             return None
-        return MigrationFile(
-            self.transport, data_fd, saving=target != MigrationState.RESUMING, state=target
-        )
+        return MigrationFile(self.transport, data_fd, saving=target != MigrationState.RESUMING)
 
     def mig_data_size(self) -> int:
         """VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: the device's estimate of its STOP_COPY data."""
@@ -364,8 +362,3 @@ class VfioDevice(Resource):
 
     def __repr__(self) -> str:
         return f"VfioDevice({self.path!r}, fd={self.fd}{', closed' if self.closed else ''})"
-
-
-def is_unsupported(e: VfioError) -> bool:
-    """The kernel said "this device has no such feature" (ENOTTY)."""
-    return e.errno == ENOTTY

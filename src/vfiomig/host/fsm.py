@@ -56,7 +56,6 @@ NEXT: dict[MigrationState, dict[MigrationState, MigrationState]] = {
 }
 
 SAVING_STATES = frozenset({PRE_COPY, PRE_COPY_P2P, STOP_COPY})
-PRECOPY_STATES = frozenset({PRE_COPY, PRE_COPY_P2P})
 
 # Arcs whose completion hands userspace a new data fd (uAPI text, "data_fd" rules).
 FD_ARCS: dict[tuple[MigrationState, MigrationState], str] = {

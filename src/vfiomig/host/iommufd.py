@@ -26,7 +26,7 @@ from typing import Any
 
 from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes, check_bitmap_size
 from vfiomig.host.errors import HwptError, IoasError, IommufdError, OpenError, VfioError, call
-from vfiomig.host.memory import Scratch, UserBuffer
+from vfiomig.host.memory import Scratch, UserBuffer, user_range
 from vfiomig.host.resource import Resource
 from vfiomig.host.transport import IOMMUFD_PATH, Transport
 from vfiomig.uapi import iommufd as u
@@ -113,10 +113,7 @@ class Iommufd(Resource):
             flags |= u.IOMMU_HWPT_ALLOC_DIRTY_TRACKING
         cmd = _struct(u.iommu_hwpt_alloc, flags=flags, dev_id=dev_id, pt_id=pt_id)
         self.ioctl(u.IOMMU_HWPT_ALLOC, cmd, _flag_op("IOMMU_HWPT_ALLOC", flags), HwptError)
-        ioas = pt if isinstance(pt, Ioas) else None
-        return Hwpt(
-            self, int(cmd.out_hwpt_id), ioas, bool(flags & u.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
-        )
+        return Hwpt(self, int(cmd.out_hwpt_id))
 
     def destroy(self, obj_id: int) -> None:
         cmd = _struct(u.iommu_destroy, id=obj_id)
@@ -153,10 +150,6 @@ class _Object(Resource):
         self.ictx = ictx
         self.id = obj_id
 
-    @property
-    def destroyed(self) -> bool:
-        return self.closed
-
     def destroy(self) -> None:
         """IOMMU_DESTROY; a no-op once destroyed or after the iommufd was closed."""
         self.close()
@@ -182,17 +175,10 @@ class Ioas(_Object):
         writeable: bool = True,
     ) -> int:
         """IOMMU_IOAS_MAP; returns the IOVA (chosen by the kernel when ``iova`` is None)."""
-        user_va = user.addr if isinstance(user, UserBuffer) else user
-        if length is None:
-            if not isinstance(user, UserBuffer):
-                raise ValueError("length is required when mapping a raw address")
-            length = user.length
-        flags = _rw_flags(readable, writeable)
-        if iova is not None:
-            flags |= u.IOMMU_IOAS_MAP_FIXED_IOVA
+        user_va, length = user_range(user, length, "length")
         cmd = _struct(
             u.iommu_ioas_map,
-            flags=flags,
+            flags=_map_flags(readable, writeable, fixed=iova is not None),
             ioas_id=self.id,
             user_va=user_va,
             length=length,
@@ -204,14 +190,14 @@ class Ioas(_Object):
 
     def unmap(self, iova: int, length: int) -> int:
         """IOMMU_IOAS_UNMAP of whole areas inside ``[iova, iova+length)``; bytes unmapped."""
-        cmd = _struct(u.iommu_ioas_unmap, ioas_id=self.id, iova=iova, length=length)
-        op = f"IOMMU_IOAS_UNMAP({iova:#x}, {length:#x})"
-        self.ictx.ioctl(u.IOMMU_IOAS_UNMAP, cmd, op, IoasError)
-        return int(cmd.length)
+        return self._unmap(iova, length, f"IOMMU_IOAS_UNMAP({iova:#x}, {length:#x})")
 
     def unmap_all(self) -> int:
-        cmd = _struct(u.iommu_ioas_unmap, ioas_id=self.id, iova=0, length=U64_MAX)
-        self.ictx.ioctl(u.IOMMU_IOAS_UNMAP, cmd, "IOMMU_IOAS_UNMAP(all)", IoasError)
+        return self._unmap(0, U64_MAX, "IOMMU_IOAS_UNMAP(all)")
+
+    def _unmap(self, iova: int, length: int, op: str) -> int:
+        cmd = _struct(u.iommu_ioas_unmap, ioas_id=self.id, iova=iova, length=length)
+        self.ictx.ioctl(u.IOMMU_IOAS_UNMAP, cmd, op, IoasError)
         return int(cmd.length)
 
     def copy(
@@ -225,14 +211,10 @@ class Ioas(_Object):
         writeable: bool = True,
     ) -> int:
         """IOMMU_IOAS_COPY of mapped pages of this IOAS into ``dst`` (default: this IOAS)."""
-        target = dst if dst is not None else self
-        flags = _rw_flags(readable, writeable)
-        if dst_iova is not None:
-            flags |= u.IOMMU_IOAS_MAP_FIXED_IOVA
         cmd = _struct(
             u.iommu_ioas_copy,
-            flags=flags,
-            dst_ioas_id=target.id,
+            flags=_map_flags(readable, writeable, fixed=dst_iova is not None),
+            dst_ioas_id=(dst if dst is not None else self).id,
             src_ioas_id=self.id,
             length=length,
             dst_iova=dst_iova or 0,
@@ -287,33 +269,25 @@ class Ioas(_Object):
 
     def set_huge_pages(self, enable: bool) -> None:
         """IOMMU_OPTION HUGE_PAGES: off forces 4 KiB IOPTEs (4 KiB dirty granularity)."""
-        cmd = _struct(
-            u.iommu_option,
-            option_id=u.IOMMU_OPTION_HUGE_PAGES,
-            op=u.IOMMU_OPTION_OP_SET,
-            object_id=self.id,
-            val64=int(enable),
-        )
-        self.ictx.ioctl(u.IOMMU_OPTION, cmd, "IOMMU_OPTION(HUGE_PAGES, SET)", IoasError)
+        self._huge_pages_option(u.IOMMU_OPTION_OP_SET, "SET", int(enable))
 
     def huge_pages(self) -> bool:
+        return bool(self._huge_pages_option(u.IOMMU_OPTION_OP_GET, "GET"))
+
+    def _huge_pages_option(self, op: int, name: str, val64: int = 0) -> int:
         cmd = _struct(
             u.iommu_option,
             option_id=u.IOMMU_OPTION_HUGE_PAGES,
-            op=u.IOMMU_OPTION_OP_GET,
+            op=op,
             object_id=self.id,
+            val64=val64,
         )
-        self.ictx.ioctl(u.IOMMU_OPTION, cmd, "IOMMU_OPTION(HUGE_PAGES, GET)", IoasError)
-        return bool(cmd.val64)
+        self.ictx.ioctl(u.IOMMU_OPTION, cmd, f"IOMMU_OPTION(HUGE_PAGES, {name})", IoasError)
+        return int(cmd.val64)
 
 
 class Hwpt(_Object):
     """A paging HW page table (``hwpt_paging``); dirty tracking when allocated with it."""
-
-    def __init__(self, ictx: Iommufd, obj_id: int, ioas: Ioas | None, dirty: bool) -> None:
-        super().__init__(ictx, obj_id)
-        self.ioas = ioas
-        self.dirty_capable = dirty
 
     def set_dirty_tracking(self, enable: bool) -> None:
         """IOMMU_HWPT_SET_DIRTY_TRACKING; enabling clears every dirty bit first."""
@@ -349,8 +323,9 @@ class Hwpt(_Object):
         )
 
 
-def _rw_flags(readable: bool, writeable: bool) -> int:
-    flags = 0
+def _map_flags(readable: bool, writeable: bool, *, fixed: bool) -> int:
+    """enum iommufd_ioas_map_flags, shared by IOMMU_IOAS_MAP and IOMMU_IOAS_COPY."""
+    flags = u.IOMMU_IOAS_MAP_FIXED_IOVA if fixed else 0
     if readable:
         flags |= u.IOMMU_IOAS_MAP_READABLE
     if writeable:

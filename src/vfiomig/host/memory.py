@@ -81,8 +81,18 @@ class UserBuffer(Resource):
             self._unmap()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else ("backed" if self._array is not None else "unbacked")
+        state = "closed" if self.closed else ("backed" if self.backed else "unbacked")
         return f"UserBuffer(addr={self.addr:#x}, length={self.length}, {state})"
+
+
+def user_range(user: UserBuffer | int, length: int | None, what: str) -> tuple[int, int]:
+    """(address, length) of what a map call was given: a whole buffer, a part of one
+    (``length``), or a raw address with ``length`` (``what`` names that argument)."""
+    if isinstance(user, UserBuffer):
+        return user.addr, user.length if length is None else length
+    if length is None:
+        raise ValueError(f"{what} is required when mapping a raw address")
+    return user, length
 
 
 def _round_up(n: int, to: int) -> int:

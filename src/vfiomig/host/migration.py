@@ -40,11 +40,10 @@ class PrecopyInfo:
 class MigrationFile(Resource):
     """A migration data fd; a context manager that closes it."""
 
-    def __init__(self, transport: Transport, fd: int, *, saving: bool, state: int) -> None:
+    def __init__(self, transport: Transport, fd: int, *, saving: bool) -> None:
         self.transport = transport
         self.fd = fd
         self.saving = saving
-        self.state = state  # the state whose arc opened this session
 
     def _check(self) -> None:
         if self.closed:

@@ -31,7 +31,6 @@ from vfiomig.host.memory import UserBuffer
 IoctlArg = bytearray | ctypes.Structure | ctypes.Union | ctypes.Array[Any] | int
 
 POLLIN = select.POLLIN
-POLLOUT = select.POLLOUT
 
 # Where the kernel keeps what this library opens (the same on every Linux).
 IOMMUFD_PATH = "/dev/iommu"
@@ -234,26 +233,18 @@ class ModelTransport:
     def poll(self, fd: int, events: int = POLLIN, timeout_ms: int = 0) -> int:
         # The model never blocks (a read or write answers at once: data, 0 or an errno), so
         # there is nothing to wait for: ModelKernel.poll(fd, events) takes no timeout.
-        poll = getattr(self.kernel, "poll", None)
-        if poll is not None:
-            return int(poll(fd, events))
-        return events
+        return int(self.kernel.poll(fd, events))
 
     def mmap(self, length: int, *, backed: bool = True) -> UserBuffer:
         if length <= 0:
             raise ValueError(f"mmap length must be positive, got {length}")
         addr, mem = self.kernel.mmap(length, backed)
-        munmap = getattr(self.kernel, "munmap", None)
-        release = (lambda: munmap(addr)) if munmap is not None else None
-        return UserBuffer(int(addr), length, mem, release)
+        return UserBuffer(int(addr), length, mem, lambda: self.kernel.munmap(addr))
 
     # The model's device namespace: the paths ModelKernel.open() accepts.
     def _paths(self) -> list[str]:
         k = self.kernel
-        paths: list[str] = []
-        for attr in ("devices", "groups", "chrdevs"):
-            paths.extend(str(p) for p in getattr(k, attr, {}))
-        return paths
+        return [*k.devices, *k.groups, *k.chrdevs]
 
     def exists(self, path: str) -> bool:
         path = path.rstrip("/")

@@ -39,7 +39,13 @@ from vfiomig.conformance import (
 )
 from vfiomig.host import LinuxTransport, ModelTransport, VfioError
 from vfiomig.host.transport import IOMMUFD_PATH
-from vfiomig.tools.probe import IOMMU_CHOICES, ModelSpec, build_model, model_spec_arg
+from vfiomig.tools.probe import (
+    IOMMU_CHOICES,
+    ModelSpec,
+    build_model,
+    check_model_options,
+    model_spec_arg,
+)
 
 # ------------------------------------------------------------------------------------------
 # CLI
@@ -134,7 +140,8 @@ def target_from_args(args: argparse.Namespace) -> Target:
         opts["state_size"] = args.state_size
     if args.defect:
         opts["defects"] = frozenset(opts.get("defects", frozenset())) | frozenset(args.defect)
-    spec = ModelSpec(spec.kind, opts)
+    # Checked once here: ModelHooks adds more devices of this kind with these options.
+    spec = ModelSpec(spec.kind, check_model_options(spec.kind, opts))
     k, (a, b) = build_model([spec, spec], args.iommu)
     return Target(
         ModelTransport(k),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,9 @@ from vfiomig.host import (
     UserBuffer,
     VfioDevice,
 )
+from vfiomig.host.device import state_name
 from vfiomig.hw import hisi_qm as q
+from vfiomig.hw.iommu import VENDORS
 from vfiomig.kernel import ModelKernel
 
 PAGE = 4096
@@ -49,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dma-pages", type=int, default=200, help="pages the device writes per round (200)"
     )
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
-    parser.add_argument("--iommu", choices=("smmuv3", "vtd", "amd"), default="smmuv3")
+    parser.add_argument("--iommu", choices=VENDORS, default="smmuv3")
 
 
 @dataclass
@@ -68,6 +71,11 @@ class Host:
         t = ModelTransport(k)
         return cls(k, t, path, t.mmap(ram_bytes))
 
+    @property
+    def hw(self) -> Any:
+        """The VF's hardware side: where the guest driver and the device's DMA act."""
+        return self.kernel.device(self.path)
+
 
 @dataclass
 class Tally:
@@ -80,10 +88,9 @@ class Tally:
 
 def device_writes(host: Host, rng: np.random.Generator, npages: int, lo: int) -> None:
     """The device DMAs `npages` random pages (above `lo`) of guest RAM, through the IOMMU."""
-    hw = host.kernel.device(host.path)
     pages = rng.choice(np.arange(lo // PAGE, host.ram.length // PAGE), npages, replace=False)
     for p in np.sort(pages):
-        hw.dma_write(int(p) * PAGE, rng.bytes(64))
+        host.hw.dma_write(int(p) * PAGE, rng.bytes(64))
 
 
 def copy_pages(src: Host, dst: Host, pages: np.ndarray) -> None:
@@ -117,11 +124,9 @@ def migrate_iommufd(
             f"{'2 MiB' if huge else '4 KiB'} IOPTEs; VF migration flags {flags.name}, "
             f"MIG_DATA_SIZE {dev.mig_data_size()}"
         )
-        q.guest_qm_start(
-            src.kernel.device(src.path), eqe_dma=EQE, aeqe_dma=AEQE, sqc_dma=SQC, cqc_dma=CQC
-        )
-        q.guest_qp_start(src.kernel.device(src.path), 0, sqe_dma=SQE, cqe_dma=CQE)
-        q.guest_sq_submit(src.kernel.device(src.path), 0, 3)
+        q.guest_qm_start(src.hw, eqe_dma=EQE, aeqe_dma=AEQE, sqc_dma=SQC, cqc_dma=CQC)
+        q.guest_qp_start(src.hw, 0, sqe_dma=SQE, cqe_dma=CQE)
+        q.guest_sq_submit(src.hw, 0, 3)
 
         hwpt.set_dirty_tracking(True)
         tally = Tally([size // PAGE])  # round 0: every page, once
@@ -167,9 +172,9 @@ def resume(dst: Host, state: bytes) -> dict[str, object]:
         with f:
             f.write_all(state)
         dev.set_state(MigrationState.RUNNING)
-        print(f"destination: VF resumed, now {MigrationState(dev.get_state()).name}")
+        print(f"destination: VF resumed, now {state_name(dev.get_state())}")
         # Ground truth for the check, read while the destination still owns the VF.
-        return dst.kernel.device(dst.path).migratable_state()
+        return dst.hw.migratable_state()
 
 
 def migrate_type1(args: argparse.Namespace, iommu: str) -> Tally:
@@ -182,17 +187,14 @@ def migrate_type1(args: argparse.Namespace, iommu: str) -> Tally:
         g.set_container(c)
         c.set_iommu()
         c.map_dma(host.ram, iova=0)
-        with g.get_device(host.path.rsplit("/", 1)[1]) as dev:
-            q.guest_qm_start(
-                host.kernel.device(host.path), eqe_dma=EQE, aeqe_dma=AEQE, sqc_dma=SQC, cqc_dma=CQC
-            )
+        with g.get_device(host.path.rsplit("/", 1)[1]):
+            q.guest_qm_start(host.hw, eqe_dma=EQE, aeqe_dma=AEQE, sqc_dma=SQC, cqc_dma=CQC)
             c.dirty_pages_start()
             tally = Tally([size // PAGE])
             for _ in range(args.rounds + 1):
                 device_writes(host, rng, args.dma_pages, 0x40000)
                 tally.rounds.append(c.dirty_pages_bitmap(0, size, PAGE).count())
             c.dirty_pages_stop()
-            dev.close()
         c.unmap_all()
     return tally
 
@@ -220,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         src, dst = Host.make(args.iommu, ram), Host.make(args.iommu, ram)
         tally, state = migrate_iommufd(args, src, dst, huge=huge)
         same_ram = np.array_equal(src.ram.array, dst.ram.array)
-        same_dev = resume(dst, state) == src.kernel.device(src.path).migratable_state()
+        same_dev = resume(dst, state) == src.hw.migratable_state()
         print(
             f"check: guest RAM identical: {_yes(same_ram)}; "
             f"accelerator queue state identical: {_yes(same_dev)}"

@@ -34,13 +34,12 @@ from vfiomig.host import (
     Container,
     Iommufd,
     LinuxTransport,
-    MigrationFlags,
     ModelTransport,
     Transport,
     VfioDevice,
     VfioError,
 )
-from vfiomig.host.device import GET, SET
+from vfiomig.host.device import GET, SET, flag_names, state_name
 from vfiomig.host.errors import errno_name
 from vfiomig.host.transport import (
     IOMMUFD_PATH,
@@ -48,10 +47,10 @@ from vfiomig.host.transport import (
     VFIO_DEVICES_DIR,
     VFIO_DIR,
 )
+from vfiomig.hw.iommu import VENDORS as IOMMU_CHOICES
 from vfiomig.uapi import vfio as v
 
 DEFAULT_MODEL_DEVICES = ("mtty", "hisi_acc", "reference")
-IOMMU_CHOICES = ("smmuv3", "vtd", "amd")
 
 # The range the probe asks a device to log, only to learn the page size it negotiates.
 LOG_PROBE_RANGE = (1 << 30, 1 << 30)
@@ -201,10 +200,6 @@ def _err(e: VfioError) -> str:
     return f"{e.op}: {errno_name(e.errno or 0)}"
 
 
-def flag_names(flags: int) -> list[str]:
-    return [f.name for f in MigrationFlags if f & flags and f.name is not None]
-
-
 def probe_device(t: Transport, path: str, iommufd_path: str = IOMMUFD_PATH) -> dict[str, Any]:
     """Everything the probe reports about one VFIO cdev."""
     out: dict[str, Any] = {"path": path}
@@ -267,7 +262,7 @@ def _probe_bound(ictx: Iommufd, dev: VfioDevice, dev_id: int) -> dict[str, Any]:
     else:
         mig.update(supported=True, flags=flags, flag_names=flag_names(flags))
         try:
-            mig["state"] = _state_name(dev.get_state())
+            mig["state"] = state_name(dev.get_state())
         except VfioError as e:
             mig["state_error"] = _err(e)
         try:
@@ -302,12 +297,6 @@ def _log_page_size(ictx: Iommufd, dev: VfioDevice) -> dict[str, Any]:
     except VfioError as e:
         return {"page_size_error": _err(e)}
     return {"page_size": page}
-
-
-def _state_name(s: int) -> str:
-    from vfiomig.host.device import state_name
-
-    return state_name(int(s))
 
 
 def probe_host(

@@ -29,16 +29,12 @@ check = checker(CHECKS)
     "data fds are streams: no lseek (ESPIPE), saving fd not writable, resuming fd not readable",
 )
 def c_stream_files(ctx: Ctx) -> str:
-    f = ctx.enter(ctx.a, S.STOP_COPY)
-    if f is None:
-        raise Fail("RUNNING -> STOP_COPY returned no data fd")
+    f = ctx.open_session(ctx.a, S.STOP_COPY)
     expect_errno(lambda: ctx.t.lseek(f.fd, 0), ESPIPE, "lseek on the saving fd")
     expect_errno(lambda: f.write(b"x"), EBADF, "write on the saving fd")
     ctx.settle()
     stream = ctx.saved_stream()
-    r = ctx.enter(ctx.a, S.RESUMING)
-    if r is None:
-        raise Fail("RUNNING -> RESUMING returned no data fd")
+    r = ctx.open_session(ctx.a, S.RESUMING)
     expect_errno(lambda: ctx.t.lseek(r.fd, 0), ESPIPE, "lseek on the resuming fd")
     expect_errno(lambda: r.read(1), EBADF, "read on the resuming fd")
     expect_errno(lambda: r.precopy_info(), ENOTTY, "VFIO_MIG_GET_PRECOPY_INFO on the resuming fd")
@@ -53,9 +49,7 @@ def c_stream_files(ctx: Ctx) -> str:
 def c_end_of_stream(ctx: Ctx) -> str:
     notes: list[str] = []
     if ctx.flags & MigrationFlags.PRE_COPY:
-        f = ctx.enter(ctx.a, S.PRE_COPY)
-        if f is None:
-            raise Fail("RUNNING -> PRE_COPY returned no data fd")
+        f = ctx.open_session(ctx.a, S.PRE_COPY)
         while True:
             try:
                 chunk = f.read(READ_CHUNK)
@@ -67,13 +61,10 @@ def c_end_of_stream(ctx: Ctx) -> str:
             if not chunk:
                 notes.append("PRE_COPY temporary end: read returns 0 (the uAPI asks for ENOMSG)")
                 break
-        if ctx.set(ctx.a, S.STOP_COPY) is not None:
-            raise Fail("data fd on the wrong arc: PRE_COPY -> STOP_COPY returned a new data fd")
+        ctx.same_session(ctx.a, S.STOP_COPY)
     else:
         ctx.enter(ctx.a, S.STOP)
-        f = ctx.set(ctx.a, S.STOP_COPY)
-        if f is None:
-            raise Fail("STOP -> STOP_COPY returned no data fd")
+        f = ctx.stop_copy(ctx.a)
     total = 0
 
     def take(c: bytes) -> None:
@@ -100,9 +91,7 @@ def c_end_of_stream(ctx: Ctx) -> str:
 )
 def c_precopy_states(ctx: Ctx) -> str:
     ctx.need(MigrationFlags.PRE_COPY, "PRECOPY_INFO")
-    f = ctx.enter(ctx.a, S.PRE_COPY)
-    if f is None:
-        raise Fail("RUNNING -> PRE_COPY returned no data fd")
+    f = ctx.open_session(ctx.a, S.PRE_COPY)
     try:
         f.precopy_info()
     except VfioError as e:
@@ -137,9 +126,7 @@ def c_precopy_states(ctx: Ctx) -> str:
 )
 def c_precopy_initial(ctx: Ctx) -> str:
     ctx.need(MigrationFlags.PRE_COPY, "PRECOPY_INFO")
-    f = ctx.enter(ctx.a, S.PRE_COPY)
-    if f is None:
-        raise Fail("RUNNING -> PRE_COPY returned no data fd")
+    f = ctx.open_session(ctx.a, S.PRE_COPY)
     first = f.precopy_info()
     last = first.initial_bytes
     step = max(1, min(READ_CHUNK, first.initial_bytes // 16 or 4096))
@@ -184,9 +171,7 @@ def c_precopy_v2(ctx: Ctx) -> str:
         )
         return "EINVAL without PRE_COPY"
     junk = 0xA5A50000
-    f = ctx.enter(ctx.a, S.PRE_COPY)
-    if f is None:
-        raise Fail("RUNNING -> PRE_COPY returned no data fd")
+    f = ctx.open_session(ctx.a, S.PRE_COPY)
     v1 = f.precopy_info(flags=junk)
     note = (
         "v1 echoes the caller's flags" if v1.flags == junk else f"v1 returned flags {v1.flags:#x}"

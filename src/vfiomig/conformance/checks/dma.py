@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from errno import E2BIG, EINVAL, ENOTTY, EOVERFLOW
 from typing import Any
 
@@ -12,12 +13,25 @@ from vfiomig.host.device import SET
 from vfiomig.host.errors import errno_name
 from vfiomig.uapi import vfio as v
 
-# Where the DMA-logging check maps its buffer, and how big it is.
+# Where the checks that make the device DMA map a buffer for it, and how big it is.
 DMA_BASE = 1 << 32
 DMA_PAGES = 64
+DMA_LENGTH = DMA_PAGES * 4096
 
 CHECKS: list[CheckSpec] = []
 check = checker(CHECKS)
+
+
+@contextmanager
+def dma_window(ctx: Ctx) -> Iterator[None]:
+    """DMA_LENGTH bytes of user memory mapped at DMA_BASE in the suite's IOAS while the
+    block runs, for the model's device to DMA into."""
+    with ctx.t.mmap(DMA_LENGTH) as buf:
+        ctx.ioas.map(buf, iova=DMA_BASE)
+        try:
+            yield
+        finally:
+            ctx.ioas.unmap(DMA_BASE, DMA_LENGTH)
 
 
 @check(
@@ -90,20 +104,18 @@ def c_log_report(ctx: Ctx) -> str:
         raise Skip("the device has no DMA logging")
     if ctx.attach_error:
         raise Skip(f"the device is not attached to an IOAS ({ctx.attach_error})")
-    length = DMA_PAGES * 4096
-    with ctx.t.mmap(length) as buf:
-        ctx.ioas.map(buf, iova=DMA_BASE)
+    with dma_window(ctx):
         try:
-            return _log_report(ctx, hooks, length)
+            return _log_report(ctx, hooks)
         finally:
             try:
                 ctx.a.dma_logging_stop()
             except VfioError:
                 pass
-            ctx.ioas.unmap(DMA_BASE, length)
 
 
-def _log_report(ctx: Ctx, hooks: ModelHooks, length: int) -> str:
+def _log_report(ctx: Ctx, hooks: ModelHooks) -> str:
+    length = DMA_LENGTH
     page = ctx.a.dma_logging_start([(DMA_BASE, length)], 4096)
     if page <= 0 or page & (page - 1):
         raise Fail(f"DMA_LOGGING_START negotiated page size {page}, not a power of two")

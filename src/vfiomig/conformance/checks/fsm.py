@@ -13,11 +13,10 @@ from vfiomig.conformance.core import (
     Skip,
     checker,
     expect_errno,
-    flag_names,
     probe_errno,
 )
 from vfiomig.host import MigrationFile, MigrationFlags, VfioError, fsm
-from vfiomig.host.device import state_name
+from vfiomig.host.device import flag_names, state_name
 from vfiomig.host.errors import MigrationStateError, errno_name
 
 CHECKS: list[CheckSpec] = []

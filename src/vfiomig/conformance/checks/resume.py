@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from errno import EINVAL, ENODEV
 from functools import partial
 
-from vfiomig.conformance.checks.dma import DMA_BASE, DMA_PAGES
+from vfiomig.conformance.checks.dma import DMA_BASE, dma_window
 from vfiomig.conformance.core import (
     CheckSpec,
     Ctx,
@@ -70,9 +70,7 @@ def c_precopy_roundtrip(ctx: Ctx) -> str:
 
 def _resume_and_save(ctx: Ctx, b: VfioDevice, stream: Stream) -> Stream:
     """Resume ``stream`` on ``b`` (from RUNNING), then its STOP_COPY save."""
-    r = ctx.enter(b, S.RESUMING)
-    if r is None:
-        raise Fail("RUNNING -> RESUMING returned no data fd")
+    r = ctx.open_session(b, S.RESUMING)
     try:
         for chunk in stream.chunks():
             r.write_all(chunk)
@@ -110,23 +108,18 @@ def _device_changes(ctx: Ctx, notes: list[str]) -> Iterator[Callable[[], None] |
         notes.append(f"the device is not attached to an IOAS ({ctx.attach_error})")
         yield None
         return
-    length = DMA_PAGES * 4096
-    with ctx.t.mmap(length) as buf:
-        ctx.ioas.map(buf, iova=DMA_BASE)
 
-        def change() -> None:
-            try:
-                for i in range(CHANGE_PAGES):
-                    hooks.dma_write(ctx.a.path, DMA_BASE + i * 4096, bytes([0xA0 + i]) * 8)
-            except Exception as e:  # the model's own fault type: the device cannot DMA here
-                notes.append(f"the device could not DMA between the PRE_COPY reads ({e})")
-            else:
-                notes.append(f"the device wrote {CHANGE_PAGES} pages between the PRE_COPY reads")
-
+    def change() -> None:
         try:
-            yield change
-        finally:
-            ctx.ioas.unmap(DMA_BASE, length)
+            for i in range(CHANGE_PAGES):
+                hooks.dma_write(ctx.a.path, DMA_BASE + i * 4096, bytes([0xA0 + i]) * 8)
+        except Exception as e:  # the model's own fault type: the device cannot DMA here
+            notes.append(f"the device could not DMA between the PRE_COPY reads ({e})")
+        else:
+            notes.append(f"the device wrote {CHANGE_PAGES} pages between the PRE_COPY reads")
+
+    with dma_window(ctx):
+        yield change
 
 
 @check(
@@ -158,9 +151,7 @@ def c_bad_streams(ctx: Ctx) -> str:
     for name, stream in cases:
         ctx.settle()
         before = ctx.loaded.get(dev.path, 0)
-        r = ctx.enter(dev, S.RESUMING)
-        if r is None:
-            raise Fail("RUNNING -> RESUMING returned no data fd")
+        r = ctx.open_session(dev, S.RESUMING)
         write_err = 0
         size = 0
         try:
