@@ -9,6 +9,8 @@ import sys
 
 # subcommand (its module is vfiomig.tools.<subcommand>) -> one-line help
 COMMANDS: dict[str, str] = {
+    "migrate": "live-migrate a guest with passthrough devices as QEMU does (simulated time)",
+    "restore": "load a stream saved by migrate --to file:PATH and check it",
     "demo": "walk a VFIO migration with IOMMU dirty tracking on the model kernel",
     "probe": "what a host offers: IOMMU dirty tracking, devices, migration flags",
     "conformance": "migration conformance suite for one VFIO device",
