@@ -20,13 +20,11 @@ a usage error (a bad ``--model`` spec names the option at fault).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
 from errno import EACCES, EBUSY, ENOENT, ENOTTY, EPERM
 from typing import Any
 
@@ -48,6 +46,14 @@ from vfiomig.host.transport import (
     VFIO_DIR,
 )
 from vfiomig.hw.iommu import VENDORS as IOMMU_CHOICES
+from vfiomig.tools.options import (
+    ModelSpec,
+    check_model_options,
+    model_spec_arg,
+)
+from vfiomig.tools.options import (  # re-exported: the names probe has always offered
+    parse_model_spec as parse_model_spec,
+)
 from vfiomig.uapi import vfio as v
 
 DEFAULT_MODEL_DEVICES = ("mtty", "hisi_acc", "reference")
@@ -57,128 +63,7 @@ LOG_PROBE_RANGE = (1 << 30, 1 << 30)
 
 
 # ------------------------------------------------------------------------------------------
-# model specs: KIND[:key=value,...]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    kind: str
-    options: dict[str, Any]
-
-    def label(self) -> str:
-        if not self.options:
-            return self.kind
-        opts = ",".join(f"{k}={_fmt_opt(val)}" for k, val in self.options.items())
-        return f"{self.kind}:{opts}"
-
-
-def _fmt_opt(val: Any) -> str:
-    if isinstance(val, bool):
-        return "1" if val else "0"
-    if isinstance(val, frozenset | set):
-        return "+".join(sorted(val))
-    if isinstance(val, tuple):
-        return "/".join(str(x) for x in val)
-    return str(val)
-
-
-def _parse_value(key: str, raw: str) -> Any:
-    if key == "defects":
-        return frozenset(x for x in raw.split("+") if x)
-    if key == "fail_arc":
-        parts = raw.split("/")
-        if len(parts) != 3:
-            raise ValueError(
-                "fail_arc is FROM/TO/MODE, e.g. STOP/STOP_COPY/error or STOP/STOP_COPY/5"
-            )
-        mode: str | int = int(parts[2]) if parts[2].isdigit() else parts[2]
-        return (parts[0].upper(), parts[1].upper(), mode)
-    low = raw.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    try:
-        return int(raw, 0)
-    except ValueError:
-        return raw
-
-
-def parse_model_spec(spec: str) -> ModelSpec:
-    """``reference:migration_flags=5,dma_logging=0,defects=lossy_resume+wrong_data_size``."""
-    kind, _, rest = spec.partition(":")
-    if not kind:
-        raise ValueError(f"empty device kind in {spec!r}")
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, raw = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"model option {item!r} is not key=value")
-        options[key] = _parse_value(key, raw)
-    if options.get("dma_logging") in (0, 1):
-        options["dma_logging"] = bool(options["dma_logging"])
-    return ModelSpec(kind, options)
-
-
-def model_spec_arg(spec: str) -> ModelSpec:
-    try:
-        return parse_model_spec(spec)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-
-
-def check_model_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The options of a ``--model`` spec checked against the device's keyword parameters,
-    converted to the types of their defaults (``0``/``1`` for a bool, ``MIN/MAX`` for a pair).
-
-    ValueError naming the option otherwise, so that a typo is a usage error rather than a
-    Python exception from inside the model (the model checks values, not types).
-    """
-    import vfiomig.kernel  # noqa: F401  (registers the device kinds)
-    from vfiomig.kernel.machine import DRIVERS
-
-    ctor = DRIVERS.get(kind)
-    if ctor is None:
-        raise ValueError(f"unknown device kind {kind!r} (known: {', '.join(sorted(DRIVERS))})")
-    params = {
-        name: p.default
-        for name, p in inspect.signature(ctor).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-    out: dict[str, Any] = {}
-    for key, val in options.items():
-        if key not in params:
-            known = ", ".join(params) or "none"
-            raise ValueError(f"{kind} has no option {key!r} (its options: {known})")
-        out[key] = _option_value(kind, key, val, params[key])
-    return out
-
-
-def _option_value(kind: str, key: str, val: Any, default: Any) -> Any:
-    bad = f"{kind} option {key}={_fmt_opt(val)}"
-    if isinstance(default, bool):
-        if isinstance(val, bool):
-            return val
-        if isinstance(val, int) and val in (0, 1):
-            return bool(val)
-        raise ValueError(f"{bad}: expected 0 or 1")
-    if isinstance(default, int):
-        if isinstance(val, int) and not isinstance(val, bool):
-            return val
-        raise ValueError(f"{bad}: expected an integer")
-    if isinstance(default, tuple):
-        parts = str(val).split("/") if not isinstance(val, tuple) else list(val)
-        try:
-            pair = tuple(p if isinstance(p, int) else int(str(p), 0) for p in parts)
-        except ValueError:
-            pair = ()
-        if len(pair) != len(default):
-            shown = "/".join(str(x) for x in default)
-            raise ValueError(f"{bad}: expected {len(default)} integers like {shown}")
-        return pair
-    if isinstance(default, frozenset | set):
-        return frozenset(val) if isinstance(val, frozenset | set) else frozenset({str(val)})
-    return val  # no typed default (None): the device checks it
+# model devices (their KIND,key=value specs are parsed and checked in vfiomig.tools.options)
 
 
 def build_model(specs: Sequence[ModelSpec], iommu: str = "smmuv3") -> tuple[Any, list[str]]:
