@@ -49,6 +49,54 @@ def test_demo_rejects_bad_input(argv: list[str], capsys: pytest.CaptureFixture[s
     assert "vfiomig demo:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--iommu-hw", "--iommu"])
+def test_demo_takes_the_iommu_under_both_names(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["demo", "--ram-mib", "4", "--rounds", "1", "--dma-pages", "20", flag, "vtd"]
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    assert cap.out.count("source: intel-vtd IOMMU") == 2
+    deprecated = "vfiomig demo: warning: --iommu is deprecated, use --iommu-hw\n"
+    assert cap.err == (deprecated if flag == "--iommu" else "")
+
+
+@pytest.mark.parametrize("command", ["probe", "conformance", "demo"])
+def test_every_command_names_the_iommu_model_iommu_hw(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "--iommu-hw {smmuv3,vtd,amd}" in out and "--iommu is a deprecated alias" in out
+    if command != "demo":
+        assert "--model KIND[,key=value,...]" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "phrase"),
+    [
+        (["demo", "--iommu-hw", "arm"], "vfiomig demo: error: argument --iommu-hw: invalid choice"),
+        (["demo", "--iommu"], "vfiomig demo: error: argument --iommu: expected one argument"),
+        (["demo", "--ram-mib", "x"], "vfiomig demo: error: argument --ram-mib: invalid int value"),
+        (["demo", "--ram", "8"], "vfiomig demo: error: unrecognized arguments: --ram 8"),
+        (["probe", "--model", "reference,x"], "vfiomig probe: error: argument --model: invalid"),
+        (["probe", "--iommu-h", "vtd"], "vfiomig probe: error: unrecognized arguments: --iommu-h"),
+        (["--bogus"], "vfiomig: error: "),
+    ],
+)
+def test_usage_errors_are_one_line(
+    argv: list[str], phrase: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(phrase) and err.count("\n") == 1 and "Traceback" not in err
+    assert err.endswith("--help)\n")
+
+
 def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(["no-such-command"])

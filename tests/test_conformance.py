@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import vfiomig.conformance as suite
+from vfiomig.cli import build_parser, main
 from vfiomig.conformance import runner
 from vfiomig.conformance import stream as stream_mod
 from vfiomig.host import LinuxTransport, Syscalls, fsm
@@ -22,9 +23,7 @@ FAIL, PASS, SKIP = suite.FAIL, suite.PASS, suite.SKIP
 
 
 def _args(*argv: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    conf.add_arguments(p)
-    return p.parse_args(list(argv))
+    return build_parser().parse_args(["conformance", *argv])
 
 
 def _results(*argv: str) -> dict[str, suite.CheckResult]:
@@ -335,10 +334,8 @@ def test_a_device_that_cannot_be_opened_is_one_clear_failure(
             ["--device", "/dev/vfio/devices/vfio0", "--yes", "--state-size", "4096"],
             "not of --device",
         ),
-        (["--model", "reference:bogus=1"], "reference has no option 'bogus'"),
-        (["--model", "reference:state_size=abc"], "expected an integer"),
-        (["--model", "reference:log_page_shift=5"], "expected 2 integers"),
         (["--model", "reference", "--defect", "bogus"], "unknown defects"),
+        (["--model", "reference,defects=bogus"], "unknown defects"),
     ],
 )
 def test_bad_argument_combinations_are_usage_errors(
@@ -349,10 +346,71 @@ def test_bad_argument_combinations_are_usage_errors(
     assert phrase in cap.err and cap.out == ""
 
 
-def test_pair_options_reach_the_model() -> None:
+@pytest.mark.parametrize(
+    ("argv", "phrase"),
+    [
+        (["--model", "reference:bogus=1"], "reference has no option 'bogus' (its options: "),
+        (["--model", "reference,bogus=1"], "reference has no option 'bogus' (its options: "),
+        (["--model", "reference:state_size=abc"], "state_size=abc: expected an integer"),
+        (["--model", "reference,state_size=abc"], "state_size=abc: expected an integer"),
+        (["--model", "reference,log_page_shift=5"], "expected 2 integers"),
+        (["--model", "reference,seed=1,seed=2"], "option 'seed' given twice"),
+        (["--model", "reference,nokey"], "option 'nokey' is not key=value"),
+        (["--model", "bogus"], "unknown device kind 'bogus'"),
+        (["--model", "reference", "--state-size", "1.5"], "invalid size '1.5'"),
+        (["--model", "reference", "--state-size=-4K"], "invalid size '-4K': negative"),
+        (["--model", "reference", "--iommu-hw", "arm"], "argument --iommu-hw: invalid choice"),
+        (["--model", "reference", "--iommu", "arm"], "argument --iommu: invalid choice"),
+        (["--model", "reference", "--iommu-h", "vtd"], "unrecognized arguments: --iommu-h"),
+        (["--model", "reference", "--iommuf", "/dev/iommu"], "unrecognized arguments"),
+    ],
+)
+def test_bad_values_are_one_line_usage_errors(
+    argv: list[str], phrase: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["conformance", *argv])
+    assert e.value.code == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and phrase in cap.err and "Traceback" not in cap.err
+    assert cap.err.startswith("vfiomig conformance: error: ") and cap.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag", ["--iommu-hw", "--iommu"])
+def test_iommu_hw_and_its_deprecated_spelling(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --iommu is exactly the old option, not a prefix of --iommufd or --iommu-hw.
+    argv = ["conformance", "--model", "reference", flag, "vtd", "--iommufd", "/dev/iommu"]
+    assert main([*argv, "--check", "mig-data-size", "--json"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["target"] == "model reference (vtd)"
+    if flag == "--iommu":
+        assert cap.err == "vfiomig conformance: warning: --iommu is deprecated, use --iommu-hw\n"
+    else:
+        assert cap.err == ""
+
+
+@pytest.mark.parametrize("sep", [",", ":"])
+def test_both_spec_syntaxes_build_the_same_device(sep: str) -> None:
+    spec = f"reference{sep}migration_flags=5,dma_logging=0,state_size=0x10000"
+    target = conf.target_from_args(_args("--model", spec))
+    label = "model reference,migration_flags=5,dma_logging=0,state_size=65536 (smmuv3)"
+    assert target.label == label
+    assert target.model is not None
+    assert target.model.options == {"migration_flags": 5, "dma_logging": False, "state_size": 65536}
+    # the shorthand flags say the same (--state-size takes a size)
+    argv = ["--migration-flags", "5", "--dma-logging", "0", "--state-size", "64K"]
+    assert conf.target_from_args(_args("--model", "reference", *argv)).label == label
+
+
+@pytest.mark.parametrize(
+    "spec", ["reference:log_page_shift=16/21", "reference,log_page_shift=16/21"]
+)
+def test_pair_options_reach_the_model(spec: str) -> None:
     # MIN/MAX options are parsed into the pair the device expects (a 64 KiB minimum log
     # page: the report check negotiates 64 KiB, still fine enough for its 256 KiB window).
-    target = conf.target_from_args(_args("--model", "reference:log_page_shift=16/21"))
+    target = conf.target_from_args(_args("--model", spec))
     (res,) = suite.run_suite(target, ["dma-logging-report"])
     assert res.status == PASS and "at 0x10000" in res.reason
 

@@ -409,3 +409,22 @@ def test_arg_type_turns_value_errors_into_usage_errors(
         p.parse_args(["--rate", "0"])
     assert exit_.value.code == 2
     assert "argument --rate: invalid rate '0': must not be 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--iommu-hw", "--iommu", "--iommu=", "--iommu-hw="])
+def test_iommu_hw_and_its_deprecated_alias(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    p = argparse.ArgumentParser(prog="t", allow_abbrev=False)
+    o.add_iommu_hw_argument(p)
+    p.add_argument("--iommufd")
+    assert p.parse_args([]).iommu_hw == "smmuv3"
+    argv = [flag + "vtd"] if flag.endswith("=") else [flag, "vtd"]
+    args = p.parse_args(argv)
+    assert args.iommu_hw == "vtd" and args.iommufd is None and "iommu" not in vars(args)
+    err = capsys.readouterr().err
+    if flag.startswith("--iommu-hw"):
+        assert err == ""
+    else:
+        assert err == "t: warning: --iommu is deprecated, use --iommu-hw\n"
+    help_text = p.format_help()
+    assert "--iommu-hw {smmuv3,vtd,amd}" in help_text and "deprecated alias" in help_text
+    assert "--iommu {" not in help_text  # the alias is not advertised

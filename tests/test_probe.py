@@ -10,15 +10,14 @@ from typing import Any
 
 import pytest
 
+from vfiomig.cli import build_parser, main
 from vfiomig.host import LinuxTransport, Syscalls
 from vfiomig.host.transport import IoctlArg
 from vfiomig.tools import probe
 
 
 def _args(*argv: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    probe.add_arguments(p)
-    return p.parse_args(list(argv))
+    return build_parser().parse_args(["probe", *argv])
 
 
 def _model_report(*specs: str, iommu: str = "smmuv3") -> dict[str, Any]:
@@ -29,9 +28,10 @@ def _model_report(*specs: str, iommu: str = "smmuv3") -> dict[str, Any]:
     return probe.probe_host(ModelTransport(k), paths)
 
 
-def test_parse_model_spec() -> None:
+@pytest.mark.parametrize("sep", [",", ":"])
+def test_parse_model_spec(sep: str) -> None:
     s = probe.parse_model_spec(
-        "reference:migration_flags=5,dma_logging=0,defects=lossy_resume+wrong_data_size,"
+        f"reference{sep}migration_flags=5,dma_logging=0,defects=lossy_resume+wrong_data_size,"
         "fail_arc=stop/stop_copy/error,state_size=0x1000"
     )
     assert s.kind == "reference"
@@ -46,6 +46,8 @@ def test_parse_model_spec() -> None:
         probe.parse_model_spec("reference:nokey")
     with pytest.raises(ValueError):
         probe.parse_model_spec(":x=1")
+    with pytest.raises(ValueError):
+        probe.parse_model_spec("reference,nokey")
 
 
 def test_model_probe_reports_each_device() -> None:
@@ -233,21 +235,55 @@ def test_a_named_device_that_cannot_be_probed_is_a_failure(
 @pytest.mark.parametrize(
     ("spec", "phrase"),
     [
-        ("reference:bogus=1", "reference has no option 'bogus'"),
+        ("reference:bogus=1", "reference has no option 'bogus' (its options: migration_flags,"),
+        ("reference,bogus=1", "reference has no option 'bogus' (its options: migration_flags,"),
         ("mtty:defects=lossy_resume", "mtty has no option 'defects'"),
+        ("mtty,defects=lossy_resume", "mtty has no option 'defects'"),
         ("reference:state_size=abc", "state_size=abc: expected an integer"),
-        ("reference:dma_logging=2", "dma_logging=2: expected 0 or 1"),
-        ("reference:log_page_shift=5", "log_page_shift=5: expected 2 integers like 12/21"),
+        ("reference,dma_logging=2", "dma_logging=2: expected 0 or 1"),
+        ("reference,log_page_shift=5", "log_page_shift=5: expected 2 integers like 12/21"),
         ("hisi_acc:qp_num=x", "qp_num=x: expected an integer"),
+        ("hisi_acc,qp_num=1,qp_num=2", "option 'qp_num' given twice"),
+        ("reference,fail_arc=STOP", "fail_arc=STOP: expected FROM/TO/MODE"),
         ("bogus", "unknown device kind 'bogus'"),
+        (",x=1", "no KIND before ','"),
     ],
 )
 def test_bad_model_options_are_usage_errors(
     spec: str, phrase: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert probe.run(_args("--model", spec)) == 2
-    err = capsys.readouterr().err
-    assert phrase in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        main(["probe", "--model", "mtty", "--model", spec])
+    assert e.value.code == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and "Traceback" not in cap.err
+    assert cap.err.startswith("vfiomig probe: error: argument --model: ") and phrase in cap.err
+    assert cap.err.count("\n") == 1
+
+
+def test_a_model_that_fails_to_build_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # a value of the right type the device refuses (the device checks values)
+    assert probe.run(_args("--model", "reference,migration_flags=6")) == 2
+    assert "vfiomig probe: bad --model: migration_flags must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--iommu-hw", "--iommu"])
+@pytest.mark.parametrize("sep", [",", ":"])
+def test_iommu_hw_and_both_spec_syntaxes(
+    flag: str, sep: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["probe", "--iommufd", "/dev/iommu", flag, "amd", "--json"]
+    assert main([*argv, "--model", f"reference{sep}migration_flags=5,dma_logging=0"]) == 0
+    cap = capsys.readouterr()
+    doc = json.loads(cap.out)
+    assert doc["iommu_model"] == "amd"
+    (dev,) = doc["devices"]
+    assert dev["model"] == "reference,migration_flags=5,dma_logging=0"  # the canonical syntax
+    assert dev["iommu"]["type"] == "amd"
+    assert dev["migration"]["flag_names"] == ["STOP_COPY", "PRE_COPY"]
+    assert dev["dma_logging"]["supported"] is False
+    deprecated = "vfiomig probe: warning: --iommu is deprecated, use --iommu-hw\n"
+    assert cap.err == (deprecated if flag == "--iommu" else "")
 
 
 def test_model_option_types_follow_the_device() -> None:

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 # subcommand (its module is vfiomig.tools.<subcommand>) -> one-line help
 COMMANDS: dict[str, str] = {
@@ -17,19 +18,31 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line on stderr and exit status 2:
+    ``vfiomig probe: error: argument --model: ... (see vfiomig probe --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vfiomig", description=__doc__)
+    # No abbreviated options: next to --iommu (deprecated), --iommu-hw and --iommufd a prefix
+    # is a guess, and a new option must not change what an old prefix means.
+    parser = Parser(prog="vfiomig", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         mod = importlib.import_module(f"vfiomig.tools.{name}")
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         mod.add_arguments(p)
-        p.set_defaults(run=mod.run)
+        p.set_defaults(run=mod.run, subparser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # said by the subcommand's parser, which knows the options
+        args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = int(args.run(args))
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit

@@ -8,13 +8,17 @@ streams, recovery through reset, DMA logging, and the P2P two-phase order.
 
     vfiomig conformance --model reference                  # the model's reference device
     vfiomig conformance --model reference --defect lossy_resume
-    vfiomig conformance --model hisi_acc --json
+    vfiomig conformance --model hisi_acc --iommu-hw vtd --json
+    vfiomig conformance --model reference,log_page_shift=16/21,state_size=0x10000
     vfiomig conformance --device /dev/vfio/devices/vfio3 --device2 /dev/vfio/devices/vfio4 --yes
 
 Each check prints pass / fail / skip with its reason; the exit status is 1 when any check
 fails (2 for usage errors). On a real device the suite changes the device's migration state
 and resets it, so it refuses to start without ``--yes``. Checks that need to make the device
 DMA or to inject a fault run only on the model and are skipped (with the reason) elsewhere.
+
+``--model`` takes ``KIND,key=value,...`` (QEMU's syntax; ``KIND:key=value,...`` still works)
+and ``--iommu-hw`` picks the model's IOMMU (``--iommu`` is a deprecated alias).
 
 The suite itself is the package ``vfiomig.conformance``; this module is its command line.
 """
@@ -39,13 +43,15 @@ from vfiomig.conformance import (
 )
 from vfiomig.host import LinuxTransport, ModelTransport, VfioError
 from vfiomig.host.transport import IOMMUFD_PATH
-from vfiomig.tools.probe import (
-    IOMMU_CHOICES,
+from vfiomig.tools.options import (
     ModelSpec,
-    build_model,
+    add_iommu_hw_argument,
+    arg_type,
     check_model_options,
     model_spec_arg,
+    parse_size,
 )
+from vfiomig.tools.probe import build_model
 
 # ------------------------------------------------------------------------------------------
 # CLI
@@ -58,9 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     where.add_argument(
         "--model",
-        metavar="KIND[:k=v,...]",
+        metavar="KIND[,key=value,...]",
         type=model_spec_arg,
-        help="a device of the model kernel: mtty, hisi_acc or reference (two are created)",
+        help="a device of the model kernel (mtty, hisi_acc or reference; two are created) and "
+        "its driver's options, e.g. reference,log_page_shift=16/21",
     )
     parser.add_argument(
         "--device2", metavar="PATH", help="a second device of the same kind (resume checks)"
@@ -74,14 +81,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="try STOP_COPY -> PRE_COPY on a real kernel older than 7.2 (hangs one without the fix)",
     )
-    parser.add_argument(
-        "--iommu", choices=IOMMU_CHOICES, default="smmuv3", help="the model's IOMMU"
-    )
+    add_iommu_hw_argument(parser)
     parser.add_argument(
         "--migration-flags", type=int, choices=(1, 3, 5, 7), help="model option migration_flags"
     )
     parser.add_argument("--dma-logging", type=int, choices=(0, 1), help="model option dma_logging")
-    parser.add_argument("--state-size", type=int, metavar="BYTES", help="model option state_size")
+    parser.add_argument(
+        "--state-size",
+        type=arg_type(parse_size),
+        metavar="SIZE",
+        help="model option state_size: bytes, or with a K/M/G suffix (powers of 1024)",
+    )
     parser.add_argument(
         "--defect",
         action="append",
@@ -118,7 +128,7 @@ def target_from_args(args: argparse.Namespace) -> Target:
         kind = args.model.kind
         raise ValueError(
             f"{', '.join(given)}: options of the reference device, not of {kind} "
-            f"(give {kind}'s own options as --model {kind}:key=value)"
+            f"(give {kind}'s own options as --model {kind},key=value)"
         )
     if args.device:
         return Target(
@@ -142,12 +152,12 @@ def target_from_args(args: argparse.Namespace) -> Target:
         opts["defects"] = frozenset(opts.get("defects", frozenset())) | frozenset(args.defect)
     # Checked once here: ModelHooks adds more devices of this kind with these options.
     spec = ModelSpec(spec.kind, check_model_options(spec.kind, opts))
-    k, (a, b) = build_model([spec, spec], args.iommu)
+    k, (a, b) = build_model([spec, spec], args.iommu_hw)
     return Target(
         ModelTransport(k),
         a,
         b,
-        label=f"model {spec.label()} ({args.iommu})",
+        label=f"model {spec.label()} ({args.iommu_hw})",
         model=ModelHooks(k, spec.kind, spec.options),
         host_page_size=4096,
     )
@@ -204,7 +214,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    p = argparse.ArgumentParser(prog="vfiomig conformance")
-    add_arguments(p)
-    sys.exit(run(p.parse_args()))
+    from vfiomig.cli import main
 
+    sys.exit(main(["conformance", *sys.argv[1:]]))

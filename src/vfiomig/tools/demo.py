@@ -36,8 +36,8 @@ from vfiomig.host import (
 )
 from vfiomig.host.device import state_name
 from vfiomig.hw import hisi_qm as q
-from vfiomig.hw.iommu import VENDORS
 from vfiomig.kernel import ModelKernel
+from vfiomig.tools.options import add_iommu_hw_argument
 
 PAGE = 4096
 # Where the guest driver puts the queue manager's structures, as IOVAs in guest RAM.
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dma-pages", type=int, default=200, help="pages the device writes per round (200)"
     )
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
-    parser.add_argument("--iommu", choices=VENDORS, default="smmuv3")
+    add_iommu_hw_argument(parser)
 
 
 @dataclass
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     rows: list[tuple[str, Tally]] = []
     ok = True
     for huge in (False, True):
-        src, dst = Host.make(args.iommu, ram), Host.make(args.iommu, ram)
+        src, dst = Host.make(args.iommu_hw, ram), Host.make(args.iommu_hw, ram)
         tally, state = migrate_iommufd(args, src, dst, huge=huge)
         same_ram = np.array_equal(src.ram.array, dst.ram.array)
         same_dev = resume(dst, state) == src.hw.migratable_state()
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         )
         ok = ok and same_ram and same_dev
         rows.append((f"iommufd, {'2 MiB' if huge else '4 KiB'} IOPTEs", tally))
-    rows.append(("type1 (pinned = dirty)", migrate_type1(args, args.iommu)))
+    rows.append(("type1 (pinned = dirty)", migrate_type1(args, args.iommu_hw)))
     print()
     print(f"{'dirty tracking':26} {'pages sent per round (round 0 = all)':44} {'total MiB':>9}")
     for name, t in rows:

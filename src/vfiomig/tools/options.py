@@ -25,11 +25,14 @@ import argparse
 import functools
 import inspect
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, TypeVar, overload
+
+from vfiomig.hw.iommu import VENDORS
 
 T = TypeVar("T")
 
@@ -357,5 +360,51 @@ def arg_type(fn: Callable[[str], T]) -> Callable[[str], T]:
     return convert
 
 
-# The argparse type of --model: the spec's syntax and values (the device checks come later).
-model_spec_arg = arg_type(parse_model_spec)
+# The argparse type of --model: a checked ModelSpec.
+model_spec_arg = arg_type(parse_device_spec)
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: stores into the new option's dest and, each time it is
+    used, says in one line on stderr that ``replacement`` is the name to use."""
+
+    def __init__(
+        self, option_strings: Sequence[str], dest: str, *, replacement: str, **kwargs: Any
+    ) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.replacement = replacement
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"{parser.prog}: warning: {option_string} is deprecated, use {self.replacement}",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def add_iommu_hw_argument(parser: argparse.ArgumentParser, default: str = "smmuv3") -> None:
+    """``--iommu-hw {smmuv3,vtd,amd}`` (dest ``iommu_hw``): the model's IOMMU hardware, with
+    ``--iommu`` as a deprecated alias. argparse matches ``--iommu`` exactly, never as a
+    prefix of ``--iommufd`` or ``--iommu-hw``; vfiomig's parsers allow no abbreviations at
+    all (``allow_abbrev=False``), so that ``--iommu-h`` is an error too."""
+    parser.add_argument(
+        "--iommu-hw",
+        choices=VENDORS,
+        default=default,
+        help="the model's IOMMU hardware (default %(default)s; --iommu is a deprecated alias)",
+    )
+    parser.add_argument(
+        "--iommu",
+        dest="iommu_hw",
+        choices=VENDORS,
+        default=argparse.SUPPRESS,
+        action=DeprecatedAlias,
+        replacement="--iommu-hw",
+        help=argparse.SUPPRESS,
+    )

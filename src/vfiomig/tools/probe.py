@@ -7,14 +7,17 @@ iommufd (/dev/iommu, VFIO cdevs) or only the legacy type1 container.
 
     vfiomig probe                               # this host; the model if it has no VFIO
     vfiomig probe --device /dev/vfio/devices/vfio0
-    vfiomig probe --model hisi_acc --model reference:migration_flags=5,dma_logging=0
+    vfiomig probe --model hisi_acc --model reference,migration_flags=5,dma_logging=0
+    vfiomig probe --model mtty --iommu-hw vtd
     vfiomig probe --json
 
 Probing opens each device and binds it to a fresh iommufd; to learn the DMA-logging page size
 it attaches the device to an empty IOAS and starts and stops logging. It never changes the
 migration state. A device another process holds (a running VM) answers EBUSY and is listed
 as such. The exit status is 1 when a device named with ``--device`` cannot be probed, 2 for
-a usage error (a bad ``--model`` spec names the option at fault).
+a usage error (a bad ``--model`` spec names the option at fault). ``--model`` takes
+``KIND,key=value,...`` (QEMU's syntax; ``KIND:key=value,...`` still works) and
+``--iommu-hw`` picks the model's IOMMU (``--iommu`` is a deprecated alias).
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ from vfiomig.host.transport import (
     VFIO_DEVICES_DIR,
     VFIO_DIR,
 )
-from vfiomig.hw.iommu import VENDORS as IOMMU_CHOICES
+from vfiomig.hw.iommu import VENDORS
 from vfiomig.tools.options import (
     ModelSpec,
+    add_iommu_hw_argument,
     check_model_options,
     model_spec_arg,
 )
@@ -55,6 +59,8 @@ from vfiomig.tools.options import (  # re-exported: the names probe has always o
     parse_model_spec as parse_model_spec,
 )
 from vfiomig.uapi import vfio as v
+
+IOMMU_CHOICES = VENDORS  # the model's IOMMUs (--iommu-hw)
 
 DEFAULT_MODEL_DEVICES = ("mtty", "hisi_acc", "reference")
 
@@ -356,17 +362,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         action="append",
-        metavar="KIND[:k=v,...]",
+        metavar="KIND[,key=value,...]",
         type=model_spec_arg,
         default=[],
-        help="probe a model kernel with this device instead (mtty, hisi_acc, reference); repeatable",
+        help="probe a model kernel with this device instead (mtty, hisi_acc, reference) and "
+        "its driver's options, e.g. reference,migration_flags=5; repeatable",
     )
-    parser.add_argument(
-        "--iommu",
-        choices=IOMMU_CHOICES,
-        default="smmuv3",
-        help="the model's IOMMU (default %(default)s)",
-    )
+    add_iommu_hw_argument(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -393,13 +395,13 @@ def run(args: argparse.Namespace) -> int:
         )
         specs = [ModelSpec(k, {}) for k in DEFAULT_MODEL_DEVICES]
     try:
-        k, paths = build_model(specs, args.iommu)
+        k, paths = build_model(specs, args.iommu_hw)
     except (ValueError, TypeError) as e:
         print(f"vfiomig probe: bad --model: {e}", file=sys.stderr)
         return 2
     labels = {p: s.label() for p, s in zip(paths, specs, strict=True)}
     report = probe_host(ModelTransport(k), paths, IOMMUFD_PATH, labels)
-    report["iommu_model"] = args.iommu
+    report["iommu_model"] = args.iommu_hw
     if note:
         report["note"] = note
     code = _emit(report, args.json)
@@ -415,6 +417,6 @@ def _emit(report: dict[str, Any], as_json: bool) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    p = argparse.ArgumentParser(prog="vfiomig probe")
-    add_arguments(p)
-    sys.exit(run(p.parse_args()))
+    from vfiomig.cli import main
+
+    sys.exit(main(["probe", *sys.argv[1:]]))
