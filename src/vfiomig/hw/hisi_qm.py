@@ -278,8 +278,9 @@ class HisiQmVf(DmaDevice):
             self.regs[off] = val
 
     def writeq(self, val: int, off: int) -> None:
-        """64-bit doorbell write (qm_db)."""
-        qn = val & 0xFFFF
+        """64-bit doorbell write (qm_db_v2: qn in bits 0-11, cmd at 12, rand_data at 16,
+        index at 32, priority at 48)."""
+        qn = val & ((1 << QM_DB_CMD_SHIFT_V2) - 1)
         cmd = (val >> QM_DB_CMD_SHIFT_V2) & 0xF
         index = (val >> QM_DB_INDEX_SHIFT_V2) & 0xFFFF
         priority = (val >> QM_DB_PRIORITY_SHIFT_V2) & 0xFF
