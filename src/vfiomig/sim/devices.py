@@ -18,13 +18,17 @@ from typing import Any
 
 import numpy as np
 
+from vfiomig.hw.hisi_qm import PCI_DEVICE_ID_HUAWEI_ZIP_VF
 from vfiomig.vmm.guest_ram import PAGE
 
-REF_RING = 4 << 20  # bytes of the reference device's receive ring
+REF_RING = 2 << 20  # bytes of the reference device's receive ring
 DEFAULTS: dict[str, dict[str, Any]] = {
     "reference": {"rate": 16 << 20, "churn": 8},
     "hisi_acc": {"jobs": 2000},
 }
+# Model options a migrate device gets unless given: the hisi_acc VF is a ZIP VF (its engine
+# compresses; SEC/HPRE VFs have no engine in the model).
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {"hisi_acc": {"dev_id": PCI_DEVICE_ID_HUAWEI_ZIP_VF}}
 WORKLOAD_KEYS = {kind: frozenset(d) for kind, d in DEFAULTS.items()}
 
 

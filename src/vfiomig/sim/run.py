@@ -29,6 +29,12 @@ from vfiomig.vmm.guest_ram import PAGE, GuestRam
 from vfiomig.vmm.migration import Migration
 from vfiomig.vmm.vm import Vm
 
+# Each device gets SHARE bytes of the device window, from 1 MiB up: a guest never gives a
+# device DMA address 0 (hisi_acc refuses to resume a queue whose EQ is at 0: "resume dma
+# addr is NULL!"). Four devices at most.
+FIRST_SHARE = 1 << 20
+SHARE = 3 << 20
+MAX_DEVICES = 4
 WARMUP = 0.5  # s the guest runs before migration starts (devices get busy)
 AFTER = 1.0  # s the guest runs after migration, on whichever host it lives
 
@@ -64,13 +70,20 @@ def device_loads(host: Host, sc: Scenario, truth: GroundTruth) -> list[DeviceLoa
     """Each device's workload, in the device window at the top of guest RAM."""
     loads: list[DeviceLoad] = []
     vm = host.vm
-    base_page = vm.ram.window_first
+    base_page = FIRST_SHARE // PAGE  # the device window is the bottom of guest RAM
     for i, (cfg, path) in enumerate(zip(sc.devices, host.paths, strict=True)):
         wl = {**DEFAULTS.get(cfg.kind, {}), **cfg.workload}
-        iova = iova_of(vm, base_page + i * (1024))  # 4 MiB per device in the window
+        iova = iova_of(vm, base_page + i * SHARE // PAGE)
         if cfg.kind == "reference":
             loads.append(
                 ReferenceLoad(truth.hw(path), iova, int(wl["rate"]), int(wl["churn"]), sc.seed + i)
+            )
+        elif cfg.kind == "hisi_acc":
+            from vfiomig.sim.hisi import HisiZipLoad
+
+            offset = base_page * PAGE + i * SHARE
+            loads.append(
+                HisiZipLoad(truth.hw(path), iova, vm.ram, offset, int(wl["jobs"]), sc.seed + i)
             )
     return loads
 
@@ -164,7 +177,6 @@ def _run(
     res.mig = mig
     if inject is not None:
         inject(src, dst, mig, chan)
-    before = [truth_s.device_digest(p) for p in src.paths]
     try:
         dest.setup()
     except VfioError as e:
@@ -179,7 +191,7 @@ def _run(
     else:
         res.error = f"{mig.failed_step}: {mig.failure}" if mig.failure else res.error
         dest.abort()
-        _verify_recovered(src, world, loads, before, truth_s, res)
+        _verify_recovered(src, world, loads, mig, res)
     return res
 
 
@@ -209,8 +221,8 @@ def _verify_completed(
             else:
                 res.corruption.append(f"{cfg.kind}: device state differs after resume")
     cpu = json.loads(dest.cpu or b"{}")
-    for load, p, st in zip(loads, dst.paths, cpu.get("drivers", []), strict=False):
-        load.move(truth_d.hw(p), st, iova_of(dst.vm, dst.vm.ram.window_first), dst.vm.ram)
+    for i, (load, p, st) in enumerate(zip(loads, dst.paths, cpu.get("drivers", []), strict=False)):
+        load.move(truth_d.hw(p), st, iova_of(dst.vm, (FIRST_SHARE + i * SHARE) // PAGE), dst.vm.ram)
     world.ram = dst.vm.ram
     world.start_vcpus()
     world.advance(AFTER)
@@ -225,14 +237,12 @@ def _hisi_finding(want: Any, got: Any) -> str:
 
 
 def _verify_recovered(
-    src: Host,
-    world: SimWorld,
-    loads: list[DeviceLoad],
-    before: list[str],
-    truth_s: GroundTruth,
-    res: Result,
+    src: Host, world: SimWorld, loads: list[DeviceLoad], mig: Migration, res: Result
 ) -> None:
-    """After failure/cancel: every device RUNNING; the guest goes on."""
+    """After failure/cancel: RAM as it was when the migration failed (recovery wrote
+    nothing into it), every device RUNNING, and the guest goes on."""
+    if src.vm.ram.digest() != mig.ram_digest_at_failure:
+        res.corruption.append("source RAM changed while the migration was undone")
     for pd in src.vm.devices:
         state = pd.dev.get_state()
         if state != MigrationState.RUNNING:

@@ -8,6 +8,7 @@ from typing import Any
 
 from vfiomig.host import ModelTransport
 from vfiomig.kernel import ModelKernel
+from vfiomig.sim.devices import MODEL_DEFAULTS
 from vfiomig.sim.workload import Workload
 from vfiomig.vmm.guest_ram import BYTES_MODE_MAX, GuestRam
 from vfiomig.vmm.params import Params
@@ -102,7 +103,11 @@ def build_host(sc: Scenario, *, source: bool) -> Host:
     devices bound and attached). The destination's RAM starts empty."""
     k = ModelKernel(iommu=sc.iommu_hw)
     paths = [
-        k.add_device(d.kind, iommu_dirty=sc.iommu_dirty, **_model_options(d.options))
+        k.add_device(
+            d.kind,
+            iommu_dirty=sc.iommu_dirty,
+            **{**MODEL_DEFAULTS.get(d.kind, {}), **_model_options(d.options)},
+        )
         for d in sc.devices
     ]
     t = ModelTransport(k)

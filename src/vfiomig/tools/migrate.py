@@ -21,6 +21,7 @@ from typing import Any
 
 from vfiomig.sim.devices import WORKLOAD_KEYS
 from vfiomig.sim.report import print_summary, progress_printer, query_migrate
+from vfiomig.sim.run import MAX_DEVICES
 from vfiomig.sim.run import run as simulate
 from vfiomig.sim.scenario import Scenario
 from vfiomig.sim.workload import KINDS, Workload
@@ -32,6 +33,7 @@ from vfiomig.tools.options import (
     parse_rate,
     parse_size,
 )
+from vfiomig.vmm.guest_ram import WINDOW
 from vfiomig.vmm.params import CAPABILITIES, Params
 from vfiomig.vmm.vm import DeviceConfig
 
@@ -174,6 +176,8 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
         raise ValueError("--ram-content bytes is limited to 16G of guest RAM on this machine")
     devs = opt("device", [])
     sc.devices = [_device(d) for d in ([devs] if isinstance(devs, str) else devs)]
+    if len(sc.devices) > MAX_DEVICES:
+        raise ValueError(f"at most {MAX_DEVICES} --device (the guest's device window)")
     sc.iommu = opt("iommu", "iommufd")
     hw, hw_opts = _split_first(str(opt("iommu-hw", "smmuv3")))
     if hw not in ("smmuv3", "vtd", "amd"):
@@ -196,8 +200,6 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
     sc.max_time = float(opt("max-time", 60.0))
     if not 0 < sc.max_time <= 86400:
         raise ValueError("--max-time must be within (0, 86400] seconds")
-    from vfiomig.vmm.guest_ram import WINDOW
-
     sc.workload.check((sc.memory - WINDOW) // 4096)
     return sc
 

@@ -3,9 +3,10 @@
 A guest carries real bytes when its RAM is at most 4 GiB (``bytes`` mode): its RAM is one
 backed mapping of the host's user memory, which the IOMMU maps and devices DMA into. Above
 that (``versions`` mode, up to 1 TiB) each page has a uint32 write version instead of bytes:
-RAM is then an unbacked mapping plus a *device window* of real bytes at the top of RAM, where
-devices keep their queues and buffers. CPU writes never touch the window (the guest driver
-owns it), so a workload can never scribble over a device's rings.
+RAM is then a *device window* of real bytes at the bottom of RAM, where devices keep their
+queues and buffers (as a guest kernel's DMA buffers often sit low), plus an unbacked mapping
+for the rest. CPU writes never touch the window (the guest driver owns it), so a workload can
+never scribble over a device's rings: a workload's page 0 is the first page above it.
 
 Page identity is (version, bytes): versions mode keeps both planes for window pages, bytes
 mode only bytes. Zero pages: a page below ``zero_first`` starts with data, a page at or above
@@ -69,15 +70,15 @@ class GuestRam:
         self.npages = size >> PAGE_SHIFT
         self.mode = mode
         self.zero_first = self.npages - int(self.npages * zero)
-        self.window_first = self.npages - (WINDOW >> PAGE_SHIFT)
+        self.window_pages = WINDOW >> PAGE_SHIFT  # pages [0, window_pages) are the window
         self.chunks: list[Chunk] = []
         if mode == "bytes":
             self.chunks.append(Chunk(0, self.npages, t.mmap(size)))
             self.versions: npt.NDArray[np.uint32] | None = None
         else:
-            low = self.window_first
-            self.chunks.append(Chunk(0, low, t.mmap(low << PAGE_SHIFT, backed=False)))
-            self.chunks.append(Chunk(low, self.npages - low, t.mmap(WINDOW)))
+            w = self.window_pages
+            self.chunks.append(Chunk(0, w, t.mmap(WINDOW)))
+            self.chunks.append(Chunk(w, self.npages - w, t.mmap(size - WINDOW, backed=False)))
             fill = 0 if source else UNSENT
             self.versions = np.full(self.npages, fill, dtype=np.uint32)
         self.dirty_log = PageBitmap(self.npages)  # KVM's log of vCPU writes
@@ -107,8 +108,8 @@ class GuestRam:
         return [c for c in self.chunks if c.backed]
 
     def window(self) -> Chunk:
-        """The backed chunk holding the device window (the top WINDOW bytes)."""
-        c = self.chunk_of(self.window_first)
+        """The backed chunk holding the device window (the bottom WINDOW bytes)."""
+        c = self.chunk_of(0)
         if not c.backed:
             raise AssertionError("the device window is always backed")
         return c
@@ -122,13 +123,14 @@ class GuestRam:
     @property
     def cpu_pages(self) -> int:
         """Pages a CPU workload may write: all but the device window."""
-        return self.window_first
+        return self.npages - self.window_pages
 
     def cpu_write(self, pages: Pages) -> None:
-        """vCPUs write ``pages`` (sorted, unique): each write changes the page and dirties it
-        in KVM's log."""
+        """vCPUs write workload pages (sorted, unique, counted from the first page above the
+        device window): each write changes the page and dirties it in KVM's log."""
         if pages.size == 0:
             return
+        pages = pages + self.window_pages
         self.stamp += 1
         if self.versions is not None:
             self.versions[pages] = self.stamp
@@ -145,16 +147,23 @@ class GuestRam:
         if self.logging:
             self.dirty_log.set_pages(pages)
 
+    def cpu_stored(self, first: int, last: int) -> None:
+        """The guest's CPUs stored bytes into pages [first, last] themselves (a guest driver
+        filling its rings and buffers): KVM logs those pages like any vCPU write."""
+        pages = np.arange(first, last + 1, dtype=np.int64)
+        self.written.set_pages(pages)
+        if self.logging:
+            self.dirty_log.set_pages(pages)
+
     def zero_mask(self, pages: Pages) -> npt.NDArray[np.bool_]:
         """Which of ``pages`` (sorted) are all zero now (QEMU's buffer_is_zero): pages of the
         device window by their bytes, the others by whether they started zero and were
         never written."""
         zero = (pages >= self.zero_first) & ~self.written.test(pages)
-        lo, hi = np.searchsorted(pages, (self.window_first, self.npages))
-        if hi > lo:
-            w = self.window()
-            words = w.buf.array.view("<u8").reshape(-1, PAGE // 8)
-            zero[lo:hi] = ~words[pages[lo:hi] - w.first_page].any(axis=1)
+        hi = int(np.searchsorted(pages, self.window_pages))
+        if hi:
+            words = self.window().buf.array.view("<u8").reshape(-1, PAGE // 8)
+            zero[:hi] = ~words[pages[:hi]].any(axis=1)
         return zero
 
     # -- what the stream carries ----------------------------------------------------------

@@ -211,8 +211,8 @@ class Migration:
                 self.stats.precopy_bytes += wire
             else:
                 self.stats.downtime_bytes += wire
-        else:
-            self.stats.vfio_transferred += wire
+        # QEMU's vfio "transferred": the bytes read from the devices' data fds
+        self.stats.vfio_transferred = sum(d.transferred for d in self.devices)
 
     # -- the whole migration ----------------------------------------------------------------
 
@@ -291,7 +291,10 @@ class Migration:
         if not self.params.cap("switchover-ack") or not any(d.precopy for d in self.devices):
             return True
         ack = self.dest_ack()
-        return ack is not None and ack <= self.now
+        if ack is None or ack > self.now:
+            return False
+        self.event("ack", ack)
+        return True
 
     def iterate(self) -> None:
         """qemu_savevm_state_iterate: RAM first, then each VFIO device, while the window's
@@ -372,6 +375,7 @@ class Migration:
             and d.precopy_init_size == 0
         ):
             d.initial_data_sent = True
+            self.event("init-data-sent")
             self.send(st.Section(st.DEVICE, st.DEV_INIT_DATA_SENT, self._idx(d)), 8, ram=False)
 
     # -- syncs and throttling ---------------------------------------------------------------
@@ -439,6 +443,7 @@ class Migration:
         """migration_completion: stop the VM, final sync, the rest of RAM at the link's rate,
         each device's stop-copy data, config, CPU state, end of stream."""
         t_stop = self.now
+        self.event("switchover")
         self.step = "switchover: stop vCPUs"
         self.world.stop_vcpus()
         self.vm_running = False
@@ -498,6 +503,7 @@ class Migration:
         self.failed_step = self.step
         self.failure = cause
         self.status = status
+        self.ram_digest_at_failure = self.ram.digest()
         self.stats.total_time = self.now - self.start_time
         for d in self.devices:
             try:
@@ -509,6 +515,13 @@ class Migration:
 
     failed_step = ""
     failure: BaseException | None = None
+    ram_digest_at_failure = ""
+
+    def event(self, what: str, when: float | None = None) -> None:
+        """Note a moment of the migration (seconds from its start) for reports and tests."""
+        t = self.now if when is None else when
+        if what not in (w for _, w in self.events):
+            self.events.append((t - self.start_time, what))
 
     def wall_time(self) -> float:
         return time.perf_counter() - self.wall_start
