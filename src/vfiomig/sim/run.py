@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from vfiomig.host import MigrationState, VfioError
 from vfiomig.sim.costs import CostModel
@@ -103,11 +104,26 @@ def compare_ram(src: GuestRam, dst: GuestRam) -> list[str]:
         if bad.size:
             out.append(f"RAM: {bad.size} pages differ (first at page {int(bad[0])}, versions)")
     for a, b in zip(src.backed_chunks(), dst.backed_chunks(), strict=True):
-        diff = np.flatnonzero((a.pages2d() != b.pages2d()).any(axis=1))
+        diff = _differing_pages(a.buf.array, b.buf.array)
         if diff.size:
             first = a.first_page + int(diff[0])
             out.append(f"RAM: {diff.size} pages differ (first at page {first}, bytes)")
     return out
+
+
+COMPARE_BLOCK = 64 << 20  # bytes compared per numpy pass (bounded temporaries)
+
+
+def _differing_pages(a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
+    """Indexes of the 4 KiB pages where two equal-sized byte arrays differ."""
+    found = []
+    for off in range(0, a.size, COMPARE_BLOCK):
+        x = a[off : off + COMPARE_BLOCK].view("<u8")
+        y = b[off : off + COMPARE_BLOCK].view("<u8")
+        if not np.array_equal(x, y):
+            rows = (x != y).reshape(-1, PAGE // 8).any(axis=1)
+            found.append(np.flatnonzero(rows) + off // PAGE)
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 
 def run(
