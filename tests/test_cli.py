@@ -7,58 +7,51 @@ import pytest
 from vfiomig.cli import main
 
 
-def table(out: str) -> dict[str, list[int]]:
-    """The demo's 'pages sent per round' rows, by dirty-tracking name."""
-    rows: dict[str, list[int]] = {}
+def table(out: str) -> dict[str, list[str]]:
+    """The demo's side-by-side rows, by name: the columns after it."""
+    rows: dict[str, list[str]] = {}
+    names = [
+        "iommufd, 4 KiB IOPTEs",
+        "iommufd, 2 MiB IOPTEs",
+        "type1 (enable-migration=auto)",
+        "type1 (enable-migration=on)",
+        "type1 (on, downtime-limit 30 s)",
+        "reference: device DMA logging",
+        "reference: IOMMU (tracking=off)",
+    ]
     for line in out.splitlines():
-        for name in ("iommufd, 4 KiB IOPTEs", "iommufd, 2 MiB IOPTEs", "type1 (pinned = dirty)"):
+        for name in names:
             if line.startswith(name):
-                rows[name] = [int(x) for x in line[len(name) :].split()[:-1]]
+                rows[name] = line[len(name) :].split()
+    assert sorted(rows) == sorted(names)
     return rows
 
 
-def test_demo_migrates_and_reports_what_each_tracker_costs(
+def test_demo_runs_the_main_job_and_compares_the_trackers(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert main(["demo", "--ram-mib", "8", "--rounds", "2", "--dma-pages", "50"]) == 0
+    assert main(["demo", "--memory", "64M"]) == 0
     out = capsys.readouterr().out
-    assert out.count("guest RAM identical: yes; accelerator queue state identical: yes") == 2
+    assert out.startswith("$ vfiomig migrate --memory 64M --device hisi_acc")
+    assert "dirty tracking: IOMMU dirty bits" in out and "result: verified" in out
     rows = table(out)
-    pages = 8 << 20 >> 12
-    # 4 KiB IOPTEs: round 0 sends all RAM, then exactly the pages the device wrote per round,
-    # then a few pages the stopped queue manager wrote back on its way to STOP_COPY.
-    small = rows["iommufd, 4 KiB IOPTEs"]
-    assert small[:3] == [pages, 50, 50] and 0 < small[3] < 50
-    # 2 MiB IOPTEs: dirty at leaf granularity, so whole 512-page multiples.
-    assert all(n % 512 == 0 and n > 0 for n in rows["iommufd, 2 MiB IOPTEs"])
-    # type1 with a passthrough device: every mapped page, every round.
-    assert rows["type1 (pinned = dirty)"] == [pages] * 4
+    small, huge = rows["iommufd, 4 KiB IOPTEs"], rows["iommufd, 2 MiB IOPTEs"]
+    assert small[0] == huge[0] == "completed" and small[-1] == huge[-1] == "yes"
+    assert float(huge[3]) > float(small[3])  # MiB sent: dirt is reported per 2 MiB leaf
+    assert rows["type1 (enable-migration=auto)"][0] == "blocked"
+    assert rows["type1 (enable-migration=on)"][:1] == ["cancelled"]
+    assert rows["type1 (enable-migration=on)"][-2:] == ["source", "intact"]
+    slow = rows["type1 (on, downtime-limit 30 s)"]
+    # the whole guest (64 MiB of data less the device window) goes in the downtime
+    assert slow[0] == "completed" and float(slow[2]) >= 48 * 2**20 / 2e9 * 1000
+    for name in ("reference: device DMA logging", "reference: IOMMU (tracking=off)"):
+        assert rows[name][0] == "completed" and rows[name][-1] == "yes"
 
 
-def test_demo_is_deterministic(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["demo", "--ram-mib", "4", "--rounds", "1", "--dma-pages", "20", "--seed", "7"]
-    main(argv)
-    first = capsys.readouterr().out
-    main(argv)
-    assert capsys.readouterr().out == first
-
-
-@pytest.mark.parametrize("argv", [["--ram-mib", "0"], ["--ram-mib", "1", "--dma-pages", "100000"]])
+@pytest.mark.parametrize("argv", [["--memory", "1M"], ["--memory", "65M"], ["--seed", "-1"]])
 def test_demo_rejects_bad_input(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", *argv]) == 2
     assert "vfiomig demo:" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flag", ["--iommu-hw", "--iommu"])
-def test_demo_takes_the_iommu_under_both_names(
-    flag: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    argv = ["demo", "--ram-mib", "4", "--rounds", "1", "--dma-pages", "20", flag, "vtd"]
-    assert main(argv) == 0
-    cap = capsys.readouterr()
-    assert cap.out.count("source: intel-vtd IOMMU") == 2
-    deprecated = "vfiomig demo: warning: --iommu is deprecated, use --iommu-hw\n"
-    assert cap.err == (deprecated if flag == "--iommu" else "")
 
 
 @pytest.mark.parametrize("command", ["probe", "conformance", "demo"])
@@ -79,8 +72,8 @@ def test_every_command_names_the_iommu_model_iommu_hw(
     [
         (["demo", "--iommu-hw", "arm"], "vfiomig demo: error: argument --iommu-hw: invalid choice"),
         (["demo", "--iommu"], "vfiomig demo: error: argument --iommu: expected one argument"),
-        (["demo", "--ram-mib", "x"], "vfiomig demo: error: argument --ram-mib: invalid int value"),
-        (["demo", "--ram", "8"], "vfiomig demo: error: unrecognized arguments: --ram 8"),
+        (["demo", "--memory", "x"], "vfiomig demo: error: argument --memory: invalid size"),
+        (["demo", "--mem", "8M"], "vfiomig demo: error: unrecognized arguments: --mem 8M"),
         (["probe", "--model", "reference,x"], "vfiomig probe: error: argument --model: invalid"),
         (["probe", "--iommu-h", "vtd"], "vfiomig probe: error: unrecognized arguments: --iommu-h"),
         (["--bogus"], "vfiomig: error: "),

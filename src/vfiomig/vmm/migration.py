@@ -341,7 +341,10 @@ class Migration:
         if cursor <= self.cursor or pages[0] < self.cursor:
             self.stats.iterations += 1  # the scan wrapped: one more pass over RAM
         self.cursor = cursor
-        pages.sort()  # a scan that wrapped returns [cursor, end) then [0, ...)
+        wrap = np.flatnonzero(np.diff(pages) < 0)
+        if wrap.size:  # a scan that wrapped returns [cursor, end) then [0, ...)
+            k = int(wrap[0]) + 1
+            pages = np.concatenate((pages[k:], pages[:k]))
         zero = self.ram.zero_mask(pages)
         nz = int(pages.size - zero.sum())
         versions = self.ram.versions[pages] if self.ram.versions is not None else None
