@@ -327,3 +327,76 @@ def test_judge_catches_a_source_ram_change_during_recovery() -> None:
     res = run(scenario(), inject=inject)
     assert res.status == "failed" and not res.verified
     assert "source RAM changed" in res.corruption[0]
+
+
+# -- the hisi_acc ZIP guest and the rest of the matrix ------------------------------------
+
+
+def test_hisi_zip_guest_migrates_with_iommu_tracking_and_every_job_completes_once() -> None:
+    res = run(scenario(devices=[DeviceConfig("hisi_acc", workload={"jobs": 3000})]))
+    assert res.status == "completed" and res.verified, res.corruption
+    assert res.tracker.startswith("IOMMU dirty bits")
+    assert res.mig is not None
+    d = res.mig.devices[0]
+    # QEMU's walk: RUNNING -> PRE_COPY in setup, -> STOP_COPY at switchover, STOP after
+    assert d.transitions == ["PRE_COPY", "STOP_COPY", "STOP"]
+    assert query_migrate(res)["vfio"]["transferred"] == 176  # sizeof(struct acc_vf_data)
+
+
+def test_hisi_zip_guest_with_cpu_only_tracking_is_caught() -> None:
+    res = run(scenario(devices=[DeviceConfig("hisi_acc")], tracker="cpu-only"))
+    assert res.status == "completed" and not res.verified and res.exit_code == 1
+
+
+def test_idle_device_workload_is_allowed() -> None:
+    res = run(scenario(devices=[DeviceConfig("hisi_acc", workload={"jobs": 0})]))
+    assert res.verified
+
+
+def test_versions_mode_migrates_and_its_judge_sees_a_stale_version() -> None:
+    sc = scenario(ram_content="versions", devices=[ref()])
+    assert run(sc).verified
+
+    def inject(src, dst, mig, chan) -> None:  # type: ignore[no-untyped-def]
+        orig = dst.vm.ram.store
+
+        def stale(pages, zero, versions, rows) -> None:  # type: ignore[no-untyped-def]
+            if versions is not None and pages.size > 5000:
+                versions = versions.copy()
+                versions[-1] ^= 1  # one page arrives with another write's version
+            orig(pages, zero, versions, rows)
+
+        dst.vm.ram.store = stale
+
+    res = run(sc, inject=inject)
+    assert res.status == "completed" and not res.verified
+    assert "versions" in res.corruption[0]
+
+
+def test_two_devices_need_p2p() -> None:
+    two = [ref(migration_flags=5), ref(migration_flags=5)]  # STOP_COPY | PRE_COPY, no P2P
+    res = run(scenario(devices=two))
+    assert res.exit_code == 4
+    assert any("P2P" in r for r in res.blocked)
+    p2p = [ref(migration_flags=7), ref(migration_flags=7)]
+    res = run(scenario(devices=p2p))
+    assert res.verified and res.mig is not None
+    for d in res.mig.devices:  # prepare (-> P2P) for all, then STOP_COPY for each
+        assert d.transitions == ["PRE_COPY", "PRE_COPY_P2P", "STOP_COPY", "STOP"]
+
+
+def test_avail_switchover_bandwidth_sets_the_threshold() -> None:
+    """With the link's real rate declared (20x max-bandwidth), a guest that cannot converge
+    on the measured bandwidth converges."""
+    hot = dict(workload=Workload("sequential", wss=46 * M, rate=1 << 30), max_time=5)
+    assert run(scenario(**hot)).status == "cancelled"
+    res = run(scenario(**hot, params=Params(avail_switchover_bandwidth=2_000_000_000)))
+    assert res.status == "completed" and res.verified
+
+
+def test_zero_pages_travel_as_headers() -> None:
+    res = run(scenario(zero=0.5, workload=Workload("idle")))
+    assert res.mig is not None
+    s = res.mig.stats
+    assert s.duplicate >= (64 * M // 2) // 4096
+    assert s.ram_transferred < (s.normal * 4104) + s.duplicate * 9 + 4096
