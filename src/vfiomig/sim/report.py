@@ -86,6 +86,10 @@ def _facts(res: Result) -> dict[str, Any]:
     return f
 
 
+def _bytes(n: int) -> str:
+    return f"{n} B" if n < 1 << 20 else f"{n / 2**20:.1f} MiB"
+
+
 def print_summary(res: Result) -> None:
     sc = res.scenario
     m = res.mig
