@@ -87,7 +87,6 @@ class Stats:
     total_time: float = 0.0
     downtime: float = 0.0
     sync_times: list[float] = field(default_factory=list)
-    sent_per_iteration: list[int] = field(default_factory=list)
 
 
 class Migration:
@@ -142,6 +141,10 @@ class Migration:
         self.throttle_tick_syncs = 0
         self.init_data_sent = False
         self.wall_start = time.perf_counter()
+        self._last_wire = 0  # QEMU bytes of the last RAM section (paces the next)
+        self.failed_step = ""
+        self.failure: BaseException | None = None
+        self.ram_digest_at_failure = ""
 
     # -- time -----------------------------------------------------------------------------
 
@@ -263,7 +266,6 @@ class Migration:
 
     def iteration(self) -> bool:
         """migration_iteration_run; True when the migration completed."""
-        self.stats.iterations += 0
         pending = self.ram_remaining() + sum(d.pending_estimate() for d in self.devices)
         if pending < self.threshold:
             pending = self.pending_exact()
@@ -357,10 +359,8 @@ class Migration:
         self.spend(max(wire / self.channel.rate, pages.size * PAGE / self._scan_rate()))
         return int(pages.size)
 
-    _last_wire = 0
 
     def send(self, section: st.Section, wire: int, *, ram: bool) -> None:
-        self.step = self.step if ram else self.step
         self.channel.send(section)
         self.account(wire, ram=ram)
 
@@ -517,9 +517,6 @@ class Migration:
         self.stop_tracking()
         self.vm_running = True
 
-    failed_step = ""
-    failure: BaseException | None = None
-    ram_digest_at_failure = ""
 
     def event(self, what: str, when: float | None = None) -> None:
         """Note a moment of the migration (seconds from its start) for reports and tests."""
