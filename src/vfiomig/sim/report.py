@@ -116,7 +116,7 @@ def print_summary(res: Result) -> None:
             (
                 "transferred",
                 f"{s.transferred / 2**20:.1f} MiB (RAM {s.ram_transferred / 2**20:.1f}"
-                f", VFIO {s.vfio_transferred / 2**20:.3f})",
+                f" MiB, device state {_bytes(s.vfio_transferred)})",
             ),
             ("pages", f"{s.normal} normal, {s.duplicate} zero"),
             ("dirty syncs", str(s.dirty_sync_count)),
@@ -149,9 +149,9 @@ def progress_printer() -> tuple[Callable[[Migration], None], Callable[[], None]]
     def show(m: Migration) -> None:
         s = m.stats
         live.update(
-            f"[bold]t={m.now:6.2f}s[/] pass {s.iterations}  remaining "
-            f"{m.ram_remaining() / 2**20:8.1f} MiB  {s.mbps:8.1f} Mbit/s  expected downtime "
-            f"{s.expected_downtime:6.0f} ms  syncs {s.dirty_sync_count}",
+            f"[bold]t={m.now:.1f}s[/] pass {s.iterations} dirty "
+            f"{m.ram_remaining() / 2**20:.1f} MiB {s.mbps:.0f} Mbit/s expected downtime "
+            f"{s.expected_downtime:.0f} ms syncs {s.dirty_sync_count}",
             refresh=True,
         )
 

@@ -117,7 +117,8 @@ class Migration:
         self.progress = progress
         self.dest_ack = dest_ack or (lambda: None)
         self.dest_busy = dest_busy or (lambda: world.now)
-        self.stats = Stats()
+        # s->expected_downtime starts at the downtime limit (migrate_init)
+        self.stats = Stats(expected_downtime=float(params.downtime_limit))
         self.status = "setup"
         self.step = "setup"
         self.tracker: Tracker | None = None
@@ -359,7 +360,6 @@ class Migration:
         self.spend(max(wire / self.channel.rate, pages.size * PAGE / self._scan_rate()))
         return int(pages.size)
 
-
     def send(self, section: st.Section, wire: int, *, ram: bool) -> None:
         self.channel.send(section)
         self.account(wire, ram=ram)
@@ -516,7 +516,6 @@ class Migration:
                 self.events.append((self.now - self.start_time, f"{d.name}: {e}"))
         self.stop_tracking()
         self.vm_running = True
-
 
     def event(self, what: str, when: float | None = None) -> None:
         """Note a moment of the migration (seconds from its start) for reports and tests."""
