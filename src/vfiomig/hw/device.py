@@ -26,7 +26,7 @@ class DmaDevice:
             raise IommuFault(iova, write, "no domain attached")
         return self.domain
 
-    def dma_write(self, iova: int, data: bytes | int) -> None:
+    def dma_write(self, iova: int, data: bytes | memoryview | int) -> None:
         """A DMA write of `data` (or of an int length, for unbacked memory) at `iova`."""
         try:
             dma_write(self._domain(iova, True), self.mem, self, iova, data)

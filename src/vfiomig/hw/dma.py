@@ -18,7 +18,9 @@ class UnbackedDma(ValueError):
     """Bytes asked of memory that has none (an unbacked region): a limit of the model."""
 
 
-def dma_write(domain: Domain, mem: Memory, dev: object, iova: int, data: bytes | int) -> None:
+def dma_write(
+    domain: Domain, mem: Memory, dev: object, iova: int, data: bytes | memoryview | int
+) -> None:
     """Device write of `data` (or of an int length, dirty side effect only) at `iova`."""
     if isinstance(data, int):
         domain.dma(dev, iova, data, write=True)

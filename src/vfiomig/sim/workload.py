@@ -52,8 +52,8 @@ class Workload:
             raise ValueError("workload hotfrac must be within [0, 1]")
 
     def pages(self, dt: float, rng: np.random.Generator, throttle: float = 0.0) -> Pages:
-        """Sorted unique pages written during ``dt`` seconds (vCPUs throttled by ``throttle``,
-        a fraction)."""
+        """Pages written during ``dt`` seconds, sorted (a page written twice may appear twice),
+        vCPUs throttled by ``throttle``, a fraction."""
         if self.kind == "idle" or dt <= 0:
             return _EMPTY
         want = self.rate * dt * (1.0 - throttle) / PAGE + self._carry
@@ -72,7 +72,7 @@ class Workload:
             n = min(n, wss)
             p = (self._pos + np.arange(n, dtype=np.int64)) % wss
             self._pos = int((self._pos + n) % wss)
-        return np.unique(p.astype(np.int64))
+        return np.sort(p.astype(np.int64))
 
     def describe(self) -> str:
         if self.kind == "idle":

@@ -126,8 +126,8 @@ class GuestRam:
         return self.npages - self.window_pages
 
     def cpu_write(self, pages: Pages) -> None:
-        """vCPUs write workload pages (sorted, unique, counted from the first page above the
-        device window): each write changes the page and dirties it in KVM's log."""
+        """vCPUs write workload pages (sorted, counted from the first page above the device
+        window): each write changes the page and dirties it in KVM's log."""
         if pages.size == 0:
             return
         pages = pages + self.window_pages
