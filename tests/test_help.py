@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -221,3 +224,52 @@ def test_a_model_example_runs(argv: list[str], capsys: pytest.CaptureFixture[str
     code = main(argv[1:])
     err = capsys.readouterr().err
     assert code in (0, 1) and "Traceback" not in err, err  # 1: a failure it demonstrates
+
+
+# -- vfiomig alone, vfiomig --help ---------------------------------------------------------
+
+
+def _one_line_each(text: str) -> None:
+    for name, what in COMMANDS.items():
+        assert re.search(rf"^\s+{name}\s+{re.escape(what)}$", text, re.M), name
+
+
+def test_vfiomig_alone_lists_the_commands_as_a_usage_error() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "vfiomig.cli"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    _one_line_each(proc.stdout + proc.stderr)
+    assert "vfiomig COMMAND --help" in proc.stderr
+
+
+def test_the_installed_command_alone_is_a_usage_error_too() -> None:
+    script = Path(sys.executable).with_name("vfiomig")
+    if not script.exists():
+        pytest.skip(f"no console script next to {sys.executable}")
+    proc = subprocess.run([str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    _one_line_each(proc.stderr)
+
+
+def test_vfiomig_alone_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    _one_line_each(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_vfiomig_help_says_what_it_is_for(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([flag])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "live migration of virtual machines with VFIO passthrough devices" in flat(text)
+    assert "one module per subcommand" not in text
+    _one_line_each(text)
+    for argv in examples_in(text):
+        assert argv[0] == "vfiomig" and argv[1] in COMMANDS
+        _, extra = build_parser().parse_known_args(argv[1:])
+        assert extra == []
