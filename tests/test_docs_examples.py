@@ -21,6 +21,7 @@ machine that has some.
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from vfiomig.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,13 +45,14 @@ _NO_RUN = re.compile(r"^\s*<!--\s*no-run:\s*(?P<reason>.*?)\s*-->\s*$")
 
 @dataclass(frozen=True)
 class Block:
-    """One ```python block: where its code starts (1-based line), its lines (the fence's
-    indentation removed), and why it must not run (None: it runs)."""
+    """One fenced block: where its code starts (1-based line), its lines (the fence's
+    indentation removed), why it must not run (None: it runs) and its info string."""
 
     page: Path
     line: int
     lines: tuple[str, ...]
     skip: str | None
+    info: str = ""
 
     @property
     def id(self) -> str:
@@ -56,7 +60,12 @@ class Block:
 
 
 def python_blocks(page: Path, text: str | None = None) -> list[Block]:
-    """The page's ```python blocks, in order (other fenced blocks are passed over whole)."""
+    """The page's ```python blocks, in order."""
+    return [b for b in fenced_blocks(page, text) if b.info.split()[:1] in (["python"], ["py"])]
+
+
+def fenced_blocks(page: Path, text: str | None = None) -> list[Block]:
+    """Every fenced block of the page, in order."""
     lines = (page.read_text() if text is None else text).splitlines()
     out: list[Block] = []
     i = 0
@@ -66,7 +75,6 @@ def python_blocks(page: Path, text: str | None = None) -> list[Block]:
             i += 1
             continue
         indent, fence = len(m["indent"]), m["fence"]
-        is_python = m["info"].split()[:1] in (["python"], ["py"])
         skip = None
         before = next((s for s in reversed(lines[:i]) if s.strip()), "")
         if (n := _NO_RUN.match(before)) is not None:
@@ -80,8 +88,7 @@ def python_blocks(page: Path, text: str | None = None) -> list[Block]:
             line = lines[j]
             body.append(line[min(indent, len(line) - len(line.lstrip(" "))) :])
             j += 1
-        if is_python:
-            out.append(Block(page, i + 2, tuple(body), skip))
+        out.append(Block(page, i + 2, tuple(body), skip, m["info"].strip()))
         i = j + 1
     return out
 
@@ -198,3 +205,37 @@ def test_the_examples_cannot_reach_hardware(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "docs examples run on the model only" in proc.stderr
     assert f'File "{page}", line 3' in proc.stderr  # the page and the line of the example
+
+
+# -- the command lines shown in the pages ----------------------------------------------------
+
+_SHELL = {">", ">>", "|", "&&", ";", "2>&1", "||"}
+
+
+def command_lines() -> list[object]:
+    """Every ``vfiomig ...`` line of a fenced block (a ``$ `` prompt allowed), as argv up to
+    the first shell operator, with the page and line it is on."""
+    out: list[object] = []
+    for page in pages():
+        for b in fenced_blocks(page):
+            for n, line in enumerate(b.lines):
+                text = line.strip().removeprefix("$ ")
+                if not text.startswith("vfiomig "):
+                    continue
+                argv = shlex.split(text, comments=True)
+                cut = next((i for i, a in enumerate(argv) if a in _SHELL), len(argv))
+                where = f"{page.relative_to(ROOT)}:{b.line + n}"
+                out.append(pytest.param(argv[:cut], id=where))
+    return out
+
+
+@pytest.mark.parametrize("argv", command_lines())
+def test_a_command_line_in_the_docs_parses(argv: list[str]) -> None:
+    # The options and their values as argparse checks them (a run would need hardware or
+    # take long): an option renamed or removed shows here. SystemExit is a usage error.
+    _, extra = build_parser().parse_known_args(argv[1:])
+    assert extra == []
+
+
+def test_the_pages_show_command_lines() -> None:
+    assert len(command_lines()) >= 10
