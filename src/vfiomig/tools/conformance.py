@@ -1,24 +1,18 @@
-"""`vfiomig conformance`: a migration conformance suite for one VFIO device.
+"""`vfiomig conformance`: test one VFIO device's migration support against the uAPI.
 
 Every check drives the device through ``vfiomig.host`` (the same bytes a VMM would send) and
 compares what the kernel and the driver do with what the VFIO uAPI (linux/vfio.h) promises:
 the migration FSM and its data fds, illegal and blocked transitions, PRECOPY_INFO,
 MIG_DATA_SIZE, the end of the data stream, save/resume round trips, rejection of bad resume
-streams, recovery through reset, DMA logging, and the P2P two-phase order.
+streams, recovery through reset, DMA logging, and the P2P two-phase order. The device is a
+real one (--device, with --device2 for the checks that resume on a second device) or one of
+the model kernel (--model, which creates two).
 
-    vfiomig conformance --model reference                  # the model's reference device
-    vfiomig conformance --model reference --defect lossy_resume
-    vfiomig conformance --model hisi_acc --iommu-hw vtd --json
-    vfiomig conformance --model reference,log_page_shift=16/21,state_size=0x10000
-    vfiomig conformance --device /dev/vfio/devices/vfio3 --device2 /dev/vfio/devices/vfio4 --yes
-
-Each check prints pass / fail / skip with its reason; the exit status is 1 when any check
-fails (2 for usage errors). On a real device the suite changes the device's migration state
-and resets it, so it refuses to start without ``--yes``. Checks that need to make the device
-DMA or to inject a fault run only on the model and are skipped (with the reason) elsewhere.
-
-``--model`` takes ``KIND,key=value,...`` (QEMU's syntax; ``KIND:key=value,...`` still works)
-and ``--iommu-hw`` picks the model's IOMMU (``--iommu`` is a deprecated alias).
+Each check prints pass / fail / skip with its reason. On a real device the suite changes the
+device's migration state and resets it, so it refuses to start without --yes. Checks that
+need to make the device DMA or to inject a fault run only on the model and are skipped (with
+the reason) elsewhere. --model takes KIND,key=value,... (QEMU's syntax; KIND:key=value,...
+still works); the kinds, their keys, the defects and the checks are listed below.
 
 The suite itself is the package ``vfiomig.conformance``; this module is its command line.
 """
@@ -43,6 +37,7 @@ from vfiomig.conformance import (
 )
 from vfiomig.host import LinuxTransport, ModelTransport, VfioError
 from vfiomig.host.transport import IOMMUFD_PATH
+from vfiomig.tools import helptext
 from vfiomig.tools.options import (
     ModelSpec,
     add_iommu_hw_argument,
@@ -57,7 +52,38 @@ from vfiomig.tools.probe import build_model
 # CLI
 
 
+EXAMPLES = (
+    ("vfiomig conformance --model reference", "the suite on the model's reference device"),
+    (
+        "vfiomig conformance --model reference --defect lossy_resume --check save-resume-roundtrip",
+        "a defect, and the check that catches it",
+    ),
+    (
+        "vfiomig conformance --device /dev/vfio/devices/vfio3 --device2 /dev/vfio/devices/vfio4 "
+        "--yes",
+        "two real VFs of one PF",
+    ),
+)
+
+EXIT_STATUS = (
+    (0, "every check passed or was skipped (and --list)"),
+    (1, "a check failed, or a real device could not be set up"),
+    (2, "usage error, or a real --device without --yes"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    helptext.apply(
+        parser,
+        __doc__ or "",
+        [
+            helptext.examples(*EXAMPLES),
+            helptext.model_devices("--model"),
+            helptext.defect_list("--defect NAME, repeatable, or defects=NAME+NAME in --model"),
+            helptext.check_list(),
+            helptext.exit_status(*EXIT_STATUS),
+        ],
+    )
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
         "--device", metavar="PATH", help="a VFIO cdev of this host (/dev/vfio/devices/vfioN)"
@@ -66,8 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         metavar="KIND[,key=value,...]",
         type=model_spec_arg,
-        help="a device of the model kernel (mtty, hisi_acc or reference; two are created) and "
-        "its driver's options, e.g. reference,log_page_shift=16/21",
+        help=f"a device of the model kernel ({', '.join(helptext.model_kinds())}; two are created)"
+        " and its driver's options, e.g. reference,log_page_shift=16/21 (listed below)",
     )
     parser.add_argument(
         "--device2", metavar="PATH", help="a second device of the same kind (resume checks)"
@@ -97,10 +123,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="inject a defect into the reference device; repeatable",
+        help="inject a defect into the reference device (listed below); repeatable",
     )
     parser.add_argument(
-        "--check", action="append", metavar="NAME", help="run only this check; repeatable"
+        "--check",
+        action="append",
+        metavar="NAME",
+        help="run only this check (listed below); repeatable",
     )
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
     parser.add_argument("--json", action="store_true", help="machine-readable output")

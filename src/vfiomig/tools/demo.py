@@ -1,5 +1,5 @@
-"""`vfiomig demo`: the main job on a representative guest, then the seed's argument in one
-table: what each dirty-tracking design costs the same guest.
+"""`vfiomig demo`: see what each dirty-tracking design costs the same guest: the main job on
+a representative guest, then the seed's argument in one table.
 
 1. `vfiomig migrate` of a guest with a HiSilicon ZIP VF (hisi_acc) compressing jobs its
    driver posts in guest memory, iommufd with IOMMU dirty tracking at 4 KiB IOPTEs: the
@@ -28,6 +28,7 @@ from vfiomig.sim.run import Result
 from vfiomig.sim.run import run as simulate
 from vfiomig.sim.scenario import Scenario
 from vfiomig.sim.workload import Workload
+from vfiomig.tools import helptext
 from vfiomig.tools.options import add_iommu_hw_argument, arg_type, parse_size
 from vfiomig.vmm.params import Params
 from vfiomig.vmm.vm import DeviceConfig
@@ -35,9 +36,29 @@ from vfiomig.vmm.vm import DeviceConfig
 M = 1 << 20
 
 
+EXAMPLES = (
+    ("vfiomig demo", "what `make demo` runs: a 256 MiB guest"),
+    ("vfiomig demo --memory 64M --seed 7", "a smaller guest (quicker), another seed"),
+    ("vfiomig demo --iommu-hw vtd", "the same table behind the Intel VT-d model"),
+)
+
+EXIT_STATUS = (
+    (
+        0,
+        "every row as expected: verified (the source intact where a run was cancelled), or "
+        "blocked where QEMU blocks it",
+    ),
+    (1, "a row was not (a migration lost or damaged the guest)"),
+    (2, "usage error"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    helptext.apply(
+        parser,
+        __doc__ or "",
+        [helptext.examples(*EXAMPLES), helptext.exit_status(*EXIT_STATUS)],
+    )
     parser.add_argument(
         "--memory", type=arg_type(parse_size), default=256 * M, metavar="SIZE",
         help="guest RAM (default 256M; 64M to 4G)",

@@ -1,23 +1,17 @@
-"""`vfiomig probe`: what a host offers for VFIO live migration.
+"""`vfiomig probe`: see what a host offers for live migration with VFIO devices.
 
 For each VFIO device: its IOMMU (type, dirty-tracking capability), its migration flags
-(STOP_COPY, P2P, PRE_COPY), the migration state, MIG_DATA_SIZE, whether PRECOPY_INFOv2 can be
-enabled, and whether the device can log its own DMA (and at what page size). For the host:
-iommufd (/dev/iommu, VFIO cdevs) or only the legacy type1 container.
+(STOP_COPY, P2P, PRE_COPY), the migration state, MIG_DATA_SIZE, whether PRECOPY_INFOv2 can
+be enabled, and whether the device can log its own DMA (and at what page size). For the
+host: iommufd (/dev/iommu, VFIO cdevs) or only the legacy type1 container. With --model it
+probes devices of the model kernel instead, and it shows the model's devices on a host that
+has no VFIO at all.
 
-    vfiomig probe                               # this host; the model if it has no VFIO
-    vfiomig probe --device /dev/vfio/devices/vfio0
-    vfiomig probe --model hisi_acc --model reference,migration_flags=5,dma_logging=0
-    vfiomig probe --model mtty --iommu-hw vtd
-    vfiomig probe --json
-
-Probing opens each device and binds it to a fresh iommufd; to learn the DMA-logging page size
-it attaches the device to an empty IOAS and starts and stops logging. It never changes the
-migration state. A device another process holds (a running VM) answers EBUSY and is listed
-as such. The exit status is 1 when a device named with ``--device`` cannot be probed, 2 for
-a usage error (a bad ``--model`` spec names the option at fault). ``--model`` takes
-``KIND,key=value,...`` (QEMU's syntax; ``KIND:key=value,...`` still works) and
-``--iommu-hw`` picks the model's IOMMU (``--iommu`` is a deprecated alias).
+Probing opens each device and binds it to a fresh iommufd; to learn the DMA-logging page
+size it attaches the device to an empty IOAS and starts and stops logging. It never changes
+the migration state. A device another process holds (a running VM) answers EBUSY and is
+listed as such. --model takes KIND,key=value,... (QEMU's syntax; KIND:key=value,... still
+works); the kinds and their keys are listed below.
 """
 
 from __future__ import annotations
@@ -49,6 +43,7 @@ from vfiomig.host.transport import (
     VFIO_DIR,
 )
 from vfiomig.hw.iommu import VENDORS
+from vfiomig.tools import helptext
 from vfiomig.tools.options import (
     ModelSpec,
     add_iommu_hw_argument,
@@ -348,7 +343,34 @@ def render_table(report: dict[str, Any]) -> str:
 # CLI
 
 
+EXAMPLES = (
+    ("vfiomig probe", "this host; the model's devices if it has no VFIO"),
+    ("vfiomig probe --device /dev/vfio/devices/vfio0 --json", "one device, for scripts"),
+    (
+        "vfiomig probe --model hisi_acc --model reference,migration_flags=5,dma_logging=0 "
+        "--iommu-hw vtd",
+        "two model devices, one with options, behind the Intel VT-d model",
+    ),
+)
+
+EXIT_STATUS = (
+    (0, "probed (a device found by listing that cannot be probed, e.g. in use, is reported)"),
+    (1, "a device named with --device cannot be probed, or a model device failed internally"),
+    (2, "usage error: a bad option or --model spec (the message names it), --device with --model"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    helptext.apply(
+        parser,
+        __doc__ or "",
+        [
+            helptext.examples(*EXAMPLES),
+            helptext.model_devices("--model"),
+            helptext.defect_list("defects=NAME+NAME in --model reference,..."),
+            helptext.exit_status(*EXIT_STATUS),
+        ],
+    )
     parser.add_argument(
         "--device",
         action="append",
@@ -365,8 +387,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KIND[,key=value,...]",
         type=model_spec_arg,
         default=[],
-        help="probe a model kernel with this device instead (mtty, hisi_acc, reference) and "
-        "its driver's options, e.g. reference,migration_flags=5; repeatable",
+        help=f"probe a model kernel with this device instead ({', '.join(helptext.model_kinds())})"
+        " and its driver's options, e.g. reference,migration_flags=5 (listed below); repeatable",
     )
     add_iommu_hw_argument(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
