@@ -299,9 +299,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"vfiomig migrate: {e}", file=sys.stderr)
         return 2
     if args.to is not None:
-        from vfiomig.sim.savefile import migrate_to_file
-
-        return migrate_to_file(sc, args.to, as_json=args.json)
+        return _run_to_file(sc, args.to, args.json)
     show, stop = progress_printer() if not args.json and sys.stderr.isatty() else (None, None)
     try:
         res = simulate(sc, progress=show)
@@ -312,4 +310,38 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(query_migrate(res), indent=2))
     else:
         print_summary(res)
+    return res.exit_code
+
+
+def _run_to_file(sc: Scenario, target: str, as_json: bool) -> int:
+    from vfiomig.sim.savefile import SaveError, save
+
+    if not target.startswith("file:") or len(target) <= len("file:"):
+        print("vfiomig migrate: --to takes file:PATH", file=sys.stderr)
+        return 2
+    refused = [c for c in ("return-path", "switchover-ack", "postcopy-ram") if sc.params.cap(c)]
+    if refused:
+        print(
+            f"vfiomig migrate: --to file: has no return path, so no {', '.join(refused)}",
+            file=sys.stderr,
+        )
+        return 2
+    path = target[len("file:") :]
+    try:
+        saved = save(sc, path)
+    except SaveError as e:
+        print(f"vfiomig migrate: --to file: cannot write {e}", file=sys.stderr)
+        return 1
+    res = saved.result
+    if as_json:
+        reply = query_migrate(res)
+        reply["vfiomig"]["file"] = path
+        if saved.restore is not None:
+            reply["vfiomig"]["restore"] = saved.restore.message
+        print(json.dumps(reply, indent=2))
+    else:
+        print_summary(res)
+        if res.status != "none":
+            check = f"; restore: {saved.restore.message}" if saved.restore else ""
+            print(f"file: {path}{check}")
     return res.exit_code
