@@ -106,7 +106,7 @@ def test_save_then_restore_verifies(
     for path in saves.values():
         code, out, err = cli(capsys, ["restore", str(path)])
         assert code == 0 and err == ""
-        assert "RAM, vCPU state and 1 device match the source" in out
+        assert "verified: guest RAM, vCPU state and 1 device match the source" in out
     # the file: spelling of --to is taken too
     assert cli(capsys, ["restore", f"file:{saves['reference']}"])[0] == 0
 

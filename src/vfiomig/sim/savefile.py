@@ -331,5 +331,9 @@ def _compare(sc: Scenario, meta: dict[str, Any], dst: Host, dest: Destination) -
     if problems:
         return Restore(False, "CORRUPTION: " + "; ".join(problems), problems)
     n = len(sc.devices)
-    what = f" and {n} device{'s' if n != 1 else ''}" if n else ""
-    return Restore(True, f"restored; RAM, vCPU state{what} match the source at switchover")
+    what = (
+        f"guest RAM, vCPU state and {n} device{'s' if n != 1 else ''}"
+        if n
+        else ("guest RAM and vCPU state")
+    )
+    return Restore(True, f"restored and verified: {what} match the source at switchover")
