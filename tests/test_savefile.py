@@ -140,6 +140,14 @@ def test_a_save_into_nowhere_is_one_line(
     assert err.count("\n") == 1 and "No such file or directory" in err
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_fails_the_save(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(capsys, ["migrate", *SMALL, "--to", "file:/dev/full", "--json"])
+    q = json.loads(out)
+    assert code == 1 and "Traceback" not in err
+    assert q["status"] == "failed" and "No space left on device" in q["error-desc"]
+
+
 # -- files that are not what they claim ------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ differs) is a one-line message, never an exception.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -143,38 +144,55 @@ def _save(sc: Scenario, path: str, costs: CostModel, src: Host, res: Result) -> 
         "devices": [],
     }
     try:
-        f = open(path, "wb")  # closed below, once the header is final
+        f = open(path, "wb")
     except OSError as e:
         raise SaveError(f"{path}: {e.strerror}") from None
-    with f:
+    try:
+        _write(sc, path, costs, src, world, meta, f, res)
+    finally:
         try:
-            f.write(_header(meta))
+            f.close()  # the last buffered bytes: a full disk may only show here
         except OSError as e:
-            res.status, res.error = "failed", f"{path}: {e.strerror}"
-            return
-        chan = FileChannel(float(sc.link or costs.loopback_rate.value), f)
-        mig = Migration(
-            src.vm, chan, world, costs, sc.params, tracker=sc.tracker, max_time=sc.max_time
-        )
-        res.mig = mig
-        res.status = mig.run()
-        res.tracker = mig.tracker.label if mig.tracker else "none"
-        res.sim_time = mig.stats.total_time
-        if res.status != "completed":
-            res.error = f"{mig.failed_step}: {mig.failure}" if mig.failure else ""
-            _check_recovered(src, mig, res)
-            return
-        truth = GroundTruth(src.kernel)
-        ram = src.vm.ram.digest()
-        meta["ram"] = ram
-        meta["digest"] = _digest(ram, world.cpu_state())
-        meta["devices"] = [_hash(truth.device_digest(p)) for p in src.paths]
-        try:
-            f.seek(0)
-            f.write(_header(meta))
-            f.flush()
-        except OSError as e:
-            res.status, res.error = "failed", f"{path}: {e.strerror}"
+            if res.status == "completed":
+                res.status, res.error = "failed", f"{path}: {e.strerror}"
+
+
+def _write(
+    sc: Scenario,
+    path: str,
+    costs: CostModel,
+    src: Host,
+    world: SimWorld,
+    meta: dict[str, Any],
+    f: io.BufferedWriter,
+    res: Result,
+) -> None:
+    try:
+        f.write(_header(meta))
+    except OSError as e:
+        res.status, res.error = "failed", f"{path}: {e.strerror}"
+        return
+    chan = FileChannel(float(sc.link or costs.loopback_rate.value), f)
+    mig = Migration(src.vm, chan, world, costs, sc.params, tracker=sc.tracker, max_time=sc.max_time)
+    res.mig = mig
+    res.status = mig.run()
+    res.tracker = mig.tracker.label if mig.tracker else "none"
+    res.sim_time = mig.stats.total_time
+    if res.status != "completed":
+        res.error = f"{mig.failed_step}: {mig.failure}" if mig.failure else ""
+        _check_recovered(src, mig, res)
+        return
+    truth = GroundTruth(src.kernel)
+    ram = src.vm.ram.digest()
+    meta["ram"] = ram
+    meta["digest"] = _digest(ram, world.cpu_state())
+    meta["devices"] = [_hash(truth.device_digest(p)) for p in src.paths]
+    try:
+        f.seek(0)
+        f.write(_header(meta))
+        f.flush()
+    except OSError as e:
+        res.status, res.error = "failed", f"{path}: {e.strerror}"
 
 
 def _check_recovered(src: Host, mig: Migration, res: Result) -> None:
