@@ -5,7 +5,6 @@ device state against the source's at switchover, and the guest's work going on a
 Examples:
   $ vfiomig migrate --memory 4G --device hisi_acc --workload random,wss=256M,rate=64M
   $ vfiomig migrate --memory 1G,zero=0.9375 --workload sequential,wss=64M,rate=2G --json
-  $ vfiomig migrate --device hisi_acc --iommu type1 --enable-migration on --downtime-limit 20000
   $ vfiomig migrate --scenario guest.toml --seed 7 --to file:/tmp/guest.vmig
 
 Exit status: 0 completed and verified; 1 corruption detected or migration failed; 2 bad
