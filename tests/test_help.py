@@ -35,9 +35,6 @@ from vfiomig.tools.options import check_model_options
 # (command, requirement) -> what the command's help lacks today. migrate.py and restore.py
 # write their help by hand; see the report of the cli-help branch.
 GAPS: dict[tuple[str, str], str] = {
-    ("restore", "examples"): "restore's help shows one workflow under 'Example:'",
-    ("migrate", "option keys"): "migrate --help does not list the model devices' option keys",
-    ("migrate", "defects"): "migrate --help does not list the reference device's defects",
 }
 
 

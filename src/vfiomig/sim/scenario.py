@@ -105,8 +105,11 @@ def build_host(sc: Scenario, *, source: bool) -> Host:
     paths = [
         k.add_device(
             d.kind,
-            iommu_dirty=sc.iommu_dirty,
-            **{**MODEL_DEFAULTS.get(d.kind, {}), **_model_options(d.options)},
+            **{
+                **MODEL_DEFAULTS.get(d.kind, {}),
+                **_model_options(d.options),
+                "iommu_dirty": sc.iommu_dirty,  # the IOMMU's, never a device option
+            },
         )
         for d in sc.devices
     ]

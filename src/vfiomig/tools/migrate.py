@@ -3,9 +3,9 @@ the way QEMU 10.0 does, in simulated time, and check the result: the destination
 device state against the source's at switchover, and the guest's work going on after it.
 
 Examples:
-  $ vfiomig migrate --memory 4G --device hisi_acc --workload random,wss=256M,rate=64M
-  $ vfiomig migrate --memory 1G,zero=0.9375 --workload sequential,wss=64M,rate=2G --json
-  $ vfiomig migrate --scenario guest.toml --seed 7 --to file:/tmp/guest.vmig
+  vfiomig migrate --memory 4G --device hisi_acc --workload random,wss=256M,rate=64M
+  vfiomig migrate --memory 1G,zero=0.9375 --workload sequential,wss=64M,rate=2G --json
+  vfiomig migrate --scenario guest.toml --seed 7 --to file:/tmp/guest.vmig
 
 Exit status: 0 completed and verified; 1 corruption detected or migration failed; 2 bad
 usage (one line on stderr says what is wrong); 3 cancelled (did not converge within
@@ -37,6 +37,7 @@ from vfiomig.sim.run import run as simulate
 from vfiomig.sim.savefile import BYTES_MAX, MEMORY_MAX, MEMORY_MIN
 from vfiomig.sim.scenario import Scenario
 from vfiomig.sim.workload import KINDS, PAGE, Workload
+from vfiomig.tools import helptext
 from vfiomig.tools.options import (
     arg_type,
     parse_device_spec,
@@ -172,7 +173,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="migrate into a file (then restore it to check it; see vfiomig restore)",
     )
     s.add_argument("--json", action="store_true", help="print query-migrate's reply as JSON")
-    parser.epilog = _epilog(file_keys(parser))
+    parser.epilog = "\n\n".join(
+        (
+            _epilog(file_keys(parser)),
+            helptext.model_devices("--device"),
+            helptext.defect_list("defects=NAME+NAME in --device reference,..."),
+        )
+    )
 
 
 def _rate0(text: str) -> int:

@@ -2,9 +2,9 @@
 fresh destination host, start it, and check the restored guest (its RAM, vCPU state and
 each device's state) against the digests the source recorded at switchover.
 
-Example:
-  $ vfiomig migrate --memory 256M --device reference --to file:/tmp/guest.vmig
-  $ vfiomig restore /tmp/guest.vmig
+Examples:
+  vfiomig restore /tmp/guest.vmig          # written by: vfiomig migrate ... --to file:/tmp/guest.vmig
+  vfiomig restore file:/tmp/guest.vmig     # the same, spelt as --to takes it
 
 A file that is not a save file, comes from another format version, is damaged, truncated
 or incomplete (its migration did not finish), or restores into a guest that differs from

@@ -80,9 +80,14 @@ class Destination:
         elif sec.type == st.CPU:
             self.cpu = bytes(sec.payload)
         elif sec.type == st.EOS:
-            missing = [d.name for i, d in enumerate(self.devices) if i not in self.ended]
+            missing = [
+                d.name
+                for i, d in enumerate(self.devices)
+                if i not in self.ended or i not in self.configured
+            ]
             if missing or self.cpu is None:
-                raise st.StreamError(f"stream ended without device END or CPU state {missing}")
+                what = f"END and CONFIG of {', '.join(missing)}" if missing else "CPU state"
+                raise st.StreamError(f"stream ended without {what}")
             self.eos = True
 
     def _device(self, sec: st.Section) -> None:

@@ -54,13 +54,8 @@ class World(Protocol):
     def cpu_state(self) -> bytes: ...
 
 
-class MigrationFailed(Exception):
-    """The migration failed at ``step``; the source has been recovered."""
-
-    def __init__(self, step: str, cause: BaseException) -> None:
-        super().__init__(f"{step}: {cause}")
-        self.step = step
-        self.cause = cause
+class Cancelled(Exception):
+    """``max_time`` passed: the user cancels (migrate_cancel), whatever step is running."""
 
 
 @dataclass
@@ -118,6 +113,7 @@ class Migration:
         self.dest_ack = dest_ack or (lambda: None)
         self.dest_busy = dest_busy or (lambda: world.now)
         # s->expected_downtime starts at the downtime limit (migrate_init)
+        self.deadline = float("inf")
         self.stats = Stats(expected_downtime=float(params.downtime_limit))
         self.status = "setup"
         self.step = "setup"
@@ -154,8 +150,11 @@ class Migration:
         return self.world.now
 
     def spend(self, dt: float) -> None:
-        """Let ``dt`` seconds pass: the guest runs, windows close."""
+        """Let ``dt`` seconds pass: the guest runs, windows close. Past the deadline the
+        migration is cancelled where it stands (a send on a slow link is cut short)."""
         end = self.now + max(dt, 0.0)
+        cancel = end > self.deadline
+        end = min(end, self.deadline)
         while True:
             wend = self.window_start + BUFFER_DELAY
             if wend > end:
@@ -165,6 +164,8 @@ class Migration:
             self.update_counters()
         self.world.advance(end - self.now)
         self._tick()
+        if cancel:
+            raise Cancelled
 
     def _tick(self) -> None:
         """The auto-converge dirty-sync timer (cpu_throttle_dirty_sync_timer, QEMU >= 9.2)."""
@@ -224,19 +225,18 @@ class Migration:
         """Setup, pre-copy, completion. Returns the final status: completed, failed or
         cancelled (the source runs again after the last two)."""
         self.start_time = self.now
+        self.deadline = self.start_time + self.max_time
         self.status = "setup"
         try:
             self.setup()
             self.status = "active"
-            while True:
-                if self.now - self.start_time >= self.max_time:
-                    self.fail("cancelled", None)
-                    return self.status
-                if self.iteration():
-                    break
+            while not self.iteration():
+                pass
             self.status = "completed"
             self.stats.total_time = self.now - self.start_time
             self.cleanup_source()
+        except Cancelled:
+            self.fail("cancelled", None)
         except (VfioError, ChannelError, st.StreamError, OSError) as e:
             self.fail("failed", e)
         return self.status
@@ -341,8 +341,8 @@ class Migration:
         if pages.size == 0:
             self._last_wire = 0
             return 0
-        if cursor <= self.cursor or pages[0] < self.cursor:
-            self.stats.iterations += 1  # the scan wrapped: one more pass over RAM
+        if not self.stats.iterations or cursor <= self.cursor or pages[0] < self.cursor:
+            self.stats.iterations += 1  # the first pass over RAM, or the scan wrapped
         self.cursor = cursor
         wrap = np.flatnonzero(np.diff(pages) < 0)
         if wrap.size:  # a scan that wrapped returns [cursor, end) then [0, ...)

@@ -139,6 +139,6 @@ def decode_ram(
         if has_v:
             versions = np.frombuffer(payload, "<u4", n, off).astype(np.uint32)
             off += 4 * n
-    except (struct.error, ValueError) as e:
+    except (struct.error, ValueError, OverflowError, MemoryError) as e:
         raise StreamError(f"malformed RAM section: {e}") from None
     return pages, zero, versions, memoryview(payload)[off:]

@@ -9,6 +9,7 @@ container (hw/vfio/container.c).
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,7 +139,7 @@ class Vm:
             dev = VfioDevice(self.t, path)
             dev_id = dev.bind(self.ictx)
             pd = PassthroughDevice(cfg, path, f"{cfg.kind}{i}", dev)
-            if self.ictx.hw_info(dev_id).dirty_tracking:
+            if self._iommu_dirty_capable(dev_id):
                 pd.iommu_dirty_tracking = True
                 hwpt = self._attach_shared(dev, dev_id)
                 if hwpt not in self.hwpts:
@@ -151,6 +152,18 @@ class Vm:
         for s in self.sections:
             c = self.ram.chunk_of(s.page)
             self.ioas.map(c.buf.addr + (s.page - c.first_page) * PAGE, s.length, iova=s.iova)
+
+    def _iommu_dirty_capable(self, dev_id: int) -> bool:
+        """IOMMU_GET_HW_INFO's IOMMU_HW_CAP_DIRTY_TRACKING. An emulated (mdev) device has no
+        IOMMU behind it (ENOENT / EOPNOTSUPP): QEMU skips host IOMMU info for it and attaches
+        it to the IOAS, where the kernel's access path serves its pins."""
+        assert self.ictx is not None
+        try:
+            return self.ictx.hw_info(dev_id).dirty_tracking
+        except VfioError as e:
+            if e.errno in (errno.ENOENT, errno.EOPNOTSUPP):
+                return False
+            raise
 
     def _attach_shared(self, dev: VfioDevice, dev_id: int) -> Hwpt:
         """hw/vfio/iommufd.c: attach to an existing dirty-tracking HWPT if the device can,
