@@ -28,7 +28,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Model options a migrate device gets unless given: the hisi_acc VF is a ZIP VF (its engine
 # compresses; SEC/HPRE VFs have no engine in the model).
-MODEL_DEFAULTS: dict[str, dict[str, Any]] = {"hisi_acc": {"dev_id": PCI_DEVICE_ID_HUAWEI_ZIP_VF}}
+# The reference device stands for an mlx5-like function whose state is "typically on the
+# order of 100s of MB" (hw/vfio/migration.c): 32 MiB of PRE_COPY state by default.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "hisi_acc": {"dev_id": PCI_DEVICE_ID_HUAWEI_ZIP_VF},
+    "reference": {"state_size": 32 << 20},
+}
 WORKLOAD_KEYS = {kind: frozenset(d) for kind, d in DEFAULTS.items()}
 
 
