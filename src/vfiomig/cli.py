@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "demo": "walk a VFIO migration with IOMMU dirty tracking on the model kernel",
     "probe": "what a host offers: IOMMU dirty tracking, devices, migration flags",
     "conformance": "migration conformance suite for one VFIO device",
+    "run": "run an unmodified C program against the model kernel (LD_PRELOAD)",
 }
 
 
