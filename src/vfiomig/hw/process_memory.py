@@ -41,10 +41,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vfiomig.hw.memory import TASK_SIZE_MAX, Memory, Region, efault
+from vfiomig.hw.memory import PAGE_SIZE, TASK_SIZE_MAX, Memory, Region, efault
 
 # One process_vm_writev takes at most IOV_MAX (UIO_MAXIOV, 1024) iovecs.
 _IOV_MAX = 1024
+# Bytes fetched at once for a small read (see ProcessMemory.read).
+_WINDOW = 512
 
 
 class _iovec(ctypes.Structure):
@@ -101,6 +103,10 @@ class ProcessMemory(Memory):
         self._vmas: list[_Vma] | None = None  # /proc/PID/maps, read once per request
         self._views: list[_View] = []
         self._lost_writeback = False
+        self._window: tuple[int, bytes] | None = None  # bytes read in this request
+        self._iov = (_iovec(), _iovec())
+        self._liov_p = ctypes.byref(self._iov[0])
+        self._riov_p = ctypes.byref(self._iov[1])
 
     # -- one request ---------------------------------------------------------------------
 
@@ -110,6 +116,7 @@ class ProcessMemory(Memory):
         self._vmas = None
         self._views = []
         self._lost_writeback = False
+        self._window = None
 
     def end(self) -> bool:
         """Write back what the views changed; False if some of it could not be written (the
@@ -120,18 +127,25 @@ class ProcessMemory(Memory):
             self._lost_writeback = True
         self._views = []
         self._vmas = None
+        self._window = None
         return not self._lost_writeback
 
     # -- transfers -----------------------------------------------------------------------
 
     def _transfer(self, fn: Any, local: int, remote: int, n: int) -> None:
         """One process_vm_{read,write}v of n bytes; a short count is EFAULT."""
-        liov = _iovec(local, n)
-        riov = _iovec(remote, n)
-        got = fn(self.pid, ctypes.byref(liov), 1, ctypes.byref(riov), 1, 0)
+        liov, riov = self._iov
+        liov.iov_base, liov.iov_len = local, n
+        riov.iov_base, riov.iov_len = remote, n
+        got = fn(self.pid, self._liov_p, 1, self._riov_p, 1, 0)
         if got != n:
             self.last_error = ctypes.get_errno() if got < 0 else errno.EFAULT
             raise efault()
+
+    def _read_bytes(self, addr: int, n: int) -> bytes:
+        buf = ctypes.create_string_buffer(n)
+        self._transfer(_process_vm_readv, ctypes.addressof(buf), addr, n)
+        return buf.raw
 
     def _fetch(self, addr: int, n: int) -> npt.NDArray[np.uint8]:
         if not _valid(addr, n):
@@ -146,8 +160,8 @@ class ProcessMemory(Memory):
         if not _valid(addr, n):
             raise efault()
         if n:
-            src = np.frombuffer(data, dtype=np.uint8)
-            self._transfer(_process_vm_writev, src.ctypes.data, addr, n)
+            buf = ctypes.create_string_buffer(bytes(data), n)
+            self._transfer(_process_vm_writev, ctypes.addressof(buf), addr, n)
 
     def _sync(self) -> None:
         """Write the bytes the views' holders changed since last seen, run by run."""
@@ -173,14 +187,33 @@ class ProcessMemory(Memory):
                     v.seen[:] = v.data  # do not try again
                     raise efault()
             v.seen[:] = v.data
+            self._window = None
 
     def read(self, addr: int, length: int) -> bytes:
         self._sync()
-        return self._fetch(addr, length).tobytes()
+        w = self._window
+        if w is not None and w[0] <= addr and addr + length <= w[0] + len(w[1]):
+            return w[1][addr - w[0] : addr - w[0] + length]  # the struct read a moment ago
+        if not _valid(addr, length):
+            raise efault()
+        if length == 0:
+            return b""
+        # A handler reads a struct's header, then the struct: fetch the first read's page
+        # remainder (up to _WINDOW bytes) at once. Within one page it faults only if the
+        # bytes asked for would.
+        span = min(_WINDOW, PAGE_SIZE - addr % PAGE_SIZE)
+        if length > span:
+            return self._read_bytes(addr, length)
+        data = self._read_bytes(addr, span)
+        self._window = (addr, data)
+        return data[:length]
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         self._sync()
+        self._window = None
         self._store(addr, data)
+        if not self._views:
+            return
         n = len(data)
         src = np.frombuffer(data, dtype=np.uint8)
         for v in self._views:  # the holders of views see the write, as they would in place
@@ -191,6 +224,7 @@ class ProcessMemory(Memory):
 
     def view(self, addr: int, length: int) -> npt.NDArray[np.uint8]:
         self._sync()
+        self._window = None  # the holder may change these bytes
         if length and not self._covered(addr, length, writable=True):
             raise efault()
         data = self._fetch(addr, length)
