@@ -172,6 +172,7 @@ def test_vmm_walk_example_under_vfiomig_run(preload: str, bindir: Path) -> None:
     cmd = [*vfiomig, "run", "--device", "reference,dma_logging=1", "--dma-pages", "1"]
     out = subprocess.run([*cmd, "--", str(exe)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+    assert out.stdout in (ROOT / "docs" / "run.md").read_text()  # the guide shows this run
     assert out.stdout.splitlines() == [
         "device /dev/vfio/devices/vfio0: bound to iommufd as dev_id 1",
         "ioas 2, hwpt 3 with dirty tracking, device attached",
