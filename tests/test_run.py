@@ -600,3 +600,58 @@ def test_the_programs_own_files_work_untouched(
     out, err = capfd.readouterr()
     assert out == "ok\n", err
     assert (tmp_path / "own.txt").read_text() == "HELLO world"
+
+
+# ------------------------------------------------------------------ the legacy container
+
+
+LEGACY_PROGRAM = r"""
+int main(void)
+{
+    int container = open("/dev/vfio/vfio", O_RDWR), group = open("/dev/vfio/0", O_RDWR);
+    CHECK(container >= 0 && group >= 0, "open");
+    CHECK(ioctl(container, VFIO_GET_API_VERSION) == VFIO_API_VERSION, "api");
+    CHECK(ioctl(container, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU) == 1, "extension by value");
+    CHECK(!ioctl(group, VFIO_GROUP_SET_CONTAINER, &container), "an int32 pointer");
+    CHECK(!ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU), "set iommu");
+    CHECK(ioctl(group, VFIO_GROUP_GET_DEVICE_FD, "vfio9") == -1 && errno == ENODEV, "name");
+    int dev = ioctl(group, VFIO_GROUP_GET_DEVICE_FD, "vfio0"); /* a file the ioctl creates */
+    CHECK(dev > group && fcntl(dev, F_GETFD) == FD_CLOEXEC, "device fd, O_CLOEXEC");
+    struct vfio_device_info info = {.argsz = sizeof(info)};
+    CHECK(!ioctl(dev, VFIO_DEVICE_GET_INFO, &info), "device info");
+    void *buf = mmap(NULL, 16 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    struct vfio_iommu_type1_dma_map map = {.argsz = sizeof(map),
+        .flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+        .vaddr = (uintptr_t)buf, .iova = 0x100000, .size = 16 * PAGE};
+    CHECK(!ioctl(container, VFIO_IOMMU_MAP_DMA, &map), "map dma");
+    map.vaddr = (uintptr_t)hole();
+    map.iova = 0x200000;
+    map.size = PAGE;
+    CHECK(ioctl(container, VFIO_IOMMU_MAP_DMA, &map) == -1 && errno == EFAULT, "map a hole");
+    struct vfio_iommu_type1_dirty_bitmap start = {.argsz = sizeof(start),
+        .flags = VFIO_IOMMU_DIRTY_PAGES_FLAG_START};
+    CHECK(!ioctl(container, VFIO_IOMMU_DIRTY_PAGES, &start), "dirty start");
+    __u64 bits = 0;
+    struct {
+        struct vfio_iommu_type1_dirty_bitmap h;
+        struct vfio_iommu_type1_dirty_bitmap_get get;
+    } q = {{.argsz = sizeof(q), .flags = VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP},
+           {.iova = 0x100000, .size = 16 * PAGE,
+            .bitmap = {.pgsize = PAGE, .size = sizeof(bits), .data = &bits}}};
+    CHECK(!ioctl(container, VFIO_IOMMU_DIRTY_PAGES, &q), "dirty bitmap");
+    /* type1 reports every pinned page of a group that never pinned selectively */
+    printf("type1 dirty pages: %d\n", __builtin_popcountll(bits));
+    return 0;
+}
+"""
+
+
+def test_legacy_container_values_strings_and_created_fds(
+    preload: str, bindir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Value arguments (CHECK_EXTENSION, SET_IOMMU), an int32 pointer (SET_CONTAINER), a
+    string (GET_DEVICE_FD, whose new fd lands on the reserved spare) and type1's bitmaps."""
+    exe = build(bindir, "legacy", LEGACY_PROGRAM)
+    assert vrun(preload, [exe], ["reference"]) == 0
+    out, err = capfd.readouterr()
+    assert out == "type1 dirty pages: 16\n", err

@@ -148,6 +148,7 @@ class ShimServer:
         self._pidfds: dict[int, int] = {}
         self._dma_cursor: dict[int, int] = {}  # id(device) -> next IOVA it writes
         self.calls = 0  # requests served
+        self._warned: set[int] = set()  # pids whose memory could not be reached
         self._sel = selectors.DefaultSelector()
         self._sel.register(listener, selectors.EVENT_READ, self._accept)
         self._ops: dict[int, Callable[[int, ProcessFdTable, list[int]], tuple[int, int]]] = {
@@ -257,7 +258,8 @@ class ShimServer:
             self.devices_work()
         if not self.mem.end() and not error:
             error = errno.EFAULT  # what the call wrote could not all be written back
-        if self.mem.last_error == errno.EPERM:
+        if self.mem.last_error == errno.EPERM and pid not in self._warned:
+            self._warned.add(pid)
             print(
                 f"vfiomig run: no access to the memory of process {pid} "
                 "(ptrace permission: setuid, PR_SET_DUMPABLE 0, or a ptrace_scope)",
