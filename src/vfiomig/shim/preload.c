@@ -71,7 +71,6 @@ static int64_t pending_token; /* set in a fork child: claims the fd table copied
 
 /* fork takes it for writing; calls that change the fd table take it for reading */
 static pthread_rwlock_t fd_lock = PTHREAD_RWLOCK_INITIALIZER;
-static pthread_mutex_t conn_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_key_t conn_key;
 
 static __thread int t_conn = -1;
@@ -274,9 +273,7 @@ static int exchange(int s, uint32_t op, const int64_t *arg, struct vfm_rep *rep)
 
 static void conn_forget(int s)
 {
-	pthread_mutex_lock(&conn_lock);
 	set_kind(s, 0);
-	pthread_mutex_unlock(&conn_lock);
 	raw_close(s);
 }
 
@@ -315,9 +312,7 @@ static int conn_open(void)
 	} else if (hi >= 0) {
 		raw_close(hi);
 	}
-	pthread_mutex_lock(&conn_lock);
-	set_kind(s, FD_CONN);
-	pthread_mutex_unlock(&conn_lock);
+	set_kind(s, FD_CONN); /* atomic, no lock: a signal handler may open one too */
 	arg[0] = pending_token;
 	arg[1] = getppid();
 	if (exchange(s, VFM_OP_HELLO, arg, &rep) || rep.err) {
@@ -691,7 +686,6 @@ static void child_after_fork(int64_t token)
 	t_conn = -1;
 	t_busy = 0;
 	pending_token = token;
-	pthread_mutex_init(&conn_lock, NULL);
 	pthread_rwlock_init(&fd_lock, NULL);
 }
 
