@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "demo": "compare what each dirty-tracking design costs the same guest",
     "probe": "see what a host offers for migration: IOMMU dirty tracking, devices, flags",
     "conformance": "test a VFIO device's migration against the uAPI (real or modelled)",
+    "run": "run an unmodified C program (a VMM, a test) against the model kernel",
 }
 
 DESCRIPTION = """\

@@ -47,7 +47,7 @@ def _check_backed(domain: Domain, mem: Memory, iova: int, length: int, write: bo
     except IommuFault:
         return
     for uva, n in segs:
-        if mem.region(uva, n).data is None:
+        if not mem.region(uva, n).backed:
             raise UnbackedDma(
                 f"DMA {'write' if write else 'read'} of bytes at IOVA {iova:#x} reaches "
                 f"unbacked memory at {uva:#x}: pass a length (int) to dirty it without bytes"

@@ -44,15 +44,29 @@ def enomem() -> OSError:
 class Region:
     addr: int
     length: int
-    data: npt.NDArray[np.uint8] | None  # None: unbacked
+    data: npt.NDArray[np.uint8] | None  # None: unbacked, or bytes that live elsewhere
+    # The bytes live in another process (hw/process_memory.py, a C program under
+    # `vfiomig run`): `data` is None and they are reached only through the Memory's
+    # view/read/write, never through `data`.
+    elsewhere: bool = False
 
     @property
     def end(self) -> int:
         return self.addr + self.length
 
+    @property
+    def backed(self) -> bool:
+        """Whether bytes exist behind this region (here in `data`, or elsewhere)."""
+        return self.data is not None or self.elsewhere
+
 
 class Memory:
-    """The user address space of the one modelled process."""
+    """The user address space of the one modelled process.
+
+    What the kernel uses of it is region / regions_in / contains (what is mapped: a pin
+    check), view / read / write (the bytes). hw/process_memory.py's ProcessMemory gives
+    the same interface over a real process's memory.
+    """
 
     def __init__(self) -> None:
         self._regions: list[Region] = []

@@ -210,11 +210,7 @@ def _strndup_user(arg: UserArg | int, n: int) -> str:
     NUL, EINVAL if there is no NUL within n bytes."""
     if isinstance(arg, int):
         raise err(EFAULT)
-    window = bytes(arg.mv[: min(arg.len, n)])
-    nul = window.find(b"\0")
-    if nul < 0:
-        raise err(EFAULT if arg.len < n else EINVAL)
-    return window[:nul].decode("latin-1")
+    return arg.strndup(n)
 
 
 def vfio_group_ioctl_get_device_fd(group: VfioGroup, arg: UserArg | int) -> int:

@@ -40,11 +40,16 @@ DRIVERS: dict[str, Callable[..., Any]] = {}
 
 
 class ModelKernel:
-    def __init__(self, iommu: str = "smmuv3", *, bbml2: bool = False) -> None:
+    def __init__(
+        self, iommu: str = "smmuv3", *, bbml2: bool = False, mm: Memory | None = None
+    ) -> None:
+        """`mm`: the process's user memory; by default a fresh in-process Memory (what
+        ModelKernel.mmap hands out). `vfiomig run` passes a ProcessMemory: a real program's
+        memory, which its ioctls' pointers point into (hw/process_memory.py)."""
         from vfiomig.hw.iommu import Iommu  # hw.iommu is the IOMMU model beneath everything
 
         self.iommu = Iommu(iommu, bbml2=bbml2)
-        self.mm = Memory()
+        self.mm = Memory() if mm is None else mm
         self.fdt = FdTable()
         self.devices: dict[str, Any] = {}  # cdev path -> VfioDevice
         self.groups: dict[str, Any] = {}  # "/dev/vfio/N" -> VfioGroup
@@ -114,7 +119,9 @@ class ModelKernel:
         f = self.fdt.get(fd)
         if not isinstance(request, int) or not 0 <= request < 1 << 32:
             raise err(EINVAL)
-        uarg: UserArg | int = arg if isinstance(arg, int) else UserArg(arg)
+        # An int is passed by value; a UserArg (a UserPtr: a C program's pointer under
+        # `vfiomig run`) as it is; anything else is the caller's buffer.
+        uarg: UserArg | int = arg if isinstance(arg, int | UserArg) else UserArg(arg)
         return f.ioctl(request, uarg)
 
     def read(self, fd: int, n: int) -> bytes:

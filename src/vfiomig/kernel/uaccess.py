@@ -5,6 +5,10 @@ same object fcntl.ioctl(fd, req, buf, True) would take, and is mutated in place.
 writing past its end is what a real kernel sees as touching unmapped memory: EFAULT.
 Pointers *inside* structs are addresses of user memory from ModelKernel.mmap (vfiomig.hw.memory);
 anything else is EFAULT too.
+
+Under `vfiomig run` the argument is a C program's pointer instead: `UserPtr` is the same
+interface over an address of the kernel's Memory (then a ProcessMemory, the program's own
+memory), read and written as copy_from_user / copy_to_user do, with no length known up front.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import struct
 from errno import E2BIG, EFAULT, EINVAL
 from typing import TypeVar
 
-from vfiomig.hw.memory import Memory
+from vfiomig.hw.memory import PAGE_SIZE, TASK_SIZE_MAX, Memory
 from vfiomig.kernel.errors import err
 
 T = TypeVar("T", bound=ctypes.Structure)
@@ -58,6 +62,15 @@ class UserArg:
             raise err(EFAULT)
         self.mv[off : off + len(data)] = data
 
+    def strndup(self, n: int) -> str:
+        """strndup_user(arg, n) (mm/util.c): EFAULT if the string runs into unreadable
+        memory before its NUL, EINVAL if there is no NUL within n bytes."""
+        window = bytes(self.mv[: min(self.len, n)])
+        nul = window.find(b"\0")
+        if nul < 0:
+            raise err(EFAULT if self.len < n else EINVAL)
+        return window[:nul].decode("latin-1")
+
     def u32(self, off: int = 0) -> int:
         return int(struct.unpack_from("<I", self.read(off, 4))[0])
 
@@ -85,6 +98,43 @@ class UserArg:
         if usize > ksize and any(self.read(ksize, usize - ksize)):
             raise err(E2BIG)
         return self.get(cls, 0, min(usize, ksize))
+
+
+class UserPtr(UserArg):
+    """An ioctl's `arg` that is an address in user memory `mm` (a C program's pointer under
+    `vfiomig run`), not a buffer: every access is copy_{from,to}_user at addr + off, EFAULT
+    where the memory is not there. Nothing is read before the handler asks, as in the
+    kernel, so the struct's size need not be known."""
+
+    def __init__(self, mm: Memory, addr: int) -> None:
+        self.mm = mm
+        self.addr = addr
+        self.len = TASK_SIZE_MAX  # the handler's own size checks come first, as in C
+
+    def read(self, off: int, n: int) -> bytes:
+        if off < 0 or n < 0:
+            raise err(EFAULT)
+        return user_read(self.mm, self.addr + off, n)
+
+    def write(self, off: int, data: bytes | bytearray) -> None:
+        if off < 0:
+            raise err(EFAULT)
+        user_write(self.mm, self.addr + off, bytes(data))
+
+    def strndup(self, n: int) -> str:
+        """strndup_user: read up to the NUL a page at a time (strnlen_user stops at the
+        first unreadable byte), so a short string at the end of a mapping works."""
+        out = bytearray()
+        addr = self.addr
+        while len(out) < n:
+            chunk = min(n - len(out), PAGE_SIZE - addr % PAGE_SIZE)
+            part = self.mm.read(addr, chunk)  # EFAULT: unreadable before the NUL
+            nul = part.find(b"\0")
+            if nul >= 0:
+                return (out + part[:nul]).decode("latin-1")
+            out += part
+            addr += chunk
+        raise err(EINVAL)
 
 
 def user_read(mm: Memory, addr: int, n: int) -> bytes:

@@ -129,8 +129,8 @@ class IovaBitmap:
         (mapped, with bytes behind it). One step per region, not per page."""
         for r in self.mm.regions_in(addr, end):
             lo, hi = max(addr, r.addr), min(end, r.end)
-            if r.data is not None:
-                yield lo, hi, r.data[lo - r.addr : hi - r.addr]
+            if r.backed:
+                yield lo, hi, self.mm.view(lo, hi - lo)
 
     def _or_bytes(self, byte0: int, packed: npt.NDArray[np.uint8]) -> None:
         """OR packed bytes into the bitmap from its byte `byte0`; parts over unmapped or
@@ -231,7 +231,7 @@ class IovaBitmap:
             r = self.mm.region(self.data, 1)
         except OSError:
             raise err(EFAULT) from None
-        if r.data is None:
+        if not r.backed:
             raise err(EFAULT)  # unbacked memory has no pages to pin
         self.max_bits = min(self.max_bits, (r.end - self.data) * 8)
         return min(length, self.max_bits << self.pgshift)
