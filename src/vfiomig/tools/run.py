@@ -30,10 +30,33 @@ from vfiomig.kernel import ModelKernel
 from vfiomig.shim.build import BuildError, preload_library
 from vfiomig.shim.protocol import ENV_DEVICES, ENV_GROUPS, ENV_SOCKET, ENV_TRACE
 from vfiomig.shim.server import ShimServer
+from vfiomig.tools import helptext
 from vfiomig.tools.options import ModelSpec, add_iommu_hw_argument, model_spec_arg
+
+EXAMPLES = (
+    ("vfiomig run --device reference,dma_logging=1 -- ./vmm_walk", "examples/vmm_walk.c"),
+    ("vfiomig run --device hisi_acc --device mtty --iommu-hw vtd -- ./probe_tool", ""),
+    ("vfiomig run --device reference --dma-pages 4 --trace -- ./my_vmm --flag", ""),
+)
+EXIT_STATUS = (
+    (0, "the program's own exit status (any N it exits with; 128 + N when signal N ends it)"),
+    (1, "the preload library cannot be built (gcc or the headers missing)"),
+    (2, "usage error: a bad option or --device spec (the message names it)"),
+    (127, "the program cannot be started"),
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    helptext.apply(
+        p,
+        __doc__.split("\n\n    vfiomig run")[0] + "\n\n" + __doc__.split("\n\n", 2)[2],
+        [
+            helptext.examples(*EXAMPLES),
+            helptext.model_devices("--device"),
+            helptext.defect_list("defects=NAME+NAME in --device reference,..."),
+            helptext.exit_status(*EXIT_STATUS),
+        ],
+    )
     p.add_argument(
         "--device",
         metavar="KIND[,opts]",
