@@ -266,3 +266,15 @@ def make_dev(kernel: ModelKernel) -> Callable[..., Dev]:
 def ref(make_dev: Callable[..., Dev]) -> Dev:
     """A bound reference device with every migration flag and DMA logging."""
     return make_dev(migration_flags=7, dma_logging=True, state_size=64 * 1024, chunk_size=4096)
+
+
+def cli(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
+    """Exit status, stdout, stderr of ``vfiomig ARGV`` (argparse's usage errors exit)."""
+    from vfiomig.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

@@ -9,23 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import cli
 
-from vfiomig.cli import build_parser, main
+from vfiomig.cli import build_parser
 from vfiomig.sim.scenario import Scenario
 from vfiomig.tools.migrate import scenario_from_args
 
 M = 1 << 20
 SMALL = ["--memory", "64M", "--workload", "random,wss=8M,rate=16M"]
-
-
-def cli(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
-    """Exit status, stdout, stderr of ``vfiomig ARGV`` (argparse's usage errors exit)."""
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def assert_usage_error(code: int, out: str, err: str, command: str, *words: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli
 
 from vfiomig.cli import main
 from vfiomig.sim.savefile import HEADER_SIZE, MAGIC
@@ -20,15 +21,6 @@ from vfiomig.vmm import stream as st
 
 # The smallest guest, mostly zero pages: a save file of a few MiB.
 SMALL = ["--memory", "32M,zero=0.75", "--workload", "random,wss=4M,rate=8M"]
-
-
-def cli(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @dataclass
