@@ -290,6 +290,20 @@ def test_logging_start_validation(
     assert start(d, ranges, page_size, num)[0] == want
 
 
+def test_logging_start_takes_exactly_log_max_ranges(make_dev: Callable[..., Dev]) -> None:
+    """LOG_MAX_RANGES = PAGE_SIZE / sizeof(struct vfio_device_feature_dma_logging_range)
+    = 256 (vfio_ioctl_device_feature_logging_start: `nnodes > LOG_MAX_RANGES` is E2BIG):
+    256 ranges are accepted, 257 are not, and the 257th is never read."""
+    ranges = [(2 * i * 4096, 4096) for i in range(257)]
+    d = make_dev()
+    assert start(d, ranges[:256]) == (0, 4096)
+    d.hw.on_dma_write(2 * 255 * 4096, 8)  # the last range is tracked
+    assert bits_of(report(d, 0, 2 * 256 * 4096)[1]) == [510]
+    e = make_dev()
+    assert start(e, ranges)[0] == E2BIG
+    assert start(e, [], num=257, ptr=Ranges(e.k, ranges[:256]).addr)[0] == E2BIG
+
+
 def test_logging_start_first_offending_range_decides(ref: Dev) -> None:
     # range 1 overlaps (EINVAL) before range 2 would fault (EFAULT)
     r = Ranges(ref.k, [(0, MB), (MB // 2, MB)])
