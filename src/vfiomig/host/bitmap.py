@@ -45,6 +45,16 @@ def check_bitmap_size(nbytes: int, length: int, page_size: int, *, rejected: boo
         )
 
 
+def _check_geometry(iova: int, length: int, page_size: int) -> None:
+    for name, value in (("iova", iova), ("length", length), ("page_size", page_size)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"DirtyBitmap {name} must be an integer, got {type(value).__name__}")
+    if page_size <= 0:
+        raise ValueError(f"DirtyBitmap page_size must be positive, got {page_size}")
+    if length < 0 or iova < 0:
+        raise ValueError(f"DirtyBitmap iova and length must be >= 0, got {iova}, {length}")
+
+
 @dataclass(frozen=True)
 class DirtyBitmap:
     """Dirty pages of ``[iova, iova + length)`` at ``page_size`` granularity."""
@@ -59,7 +69,9 @@ class DirtyBitmap:
         cls, iova: int, length: int, page_size: int, words: npt.NDArray[np.uint64]
     ) -> DirtyBitmap:
         """Keep exactly the bits of the range; bits past its last page are dropped (a huge
-        IOPTE may make the kernel set bits beyond the requested length)."""
+        IOPTE may make the kernel set bits beyond the requested length). ``page_size`` is
+        what one bit stands for (a positive int); ValueError otherwise."""
+        _check_geometry(iova, length, page_size)
         npages = -(-length // page_size)
         nwords = -(-npages // 64)
         w = np.zeros(nwords, dtype=np.uint64)
@@ -75,6 +87,7 @@ class DirtyBitmap:
         cls, iova: int, length: int, page_size: int, pages: npt.ArrayLike
     ) -> DirtyBitmap:
         """A bitmap with the given page indexes set (for tests and expectations)."""
+        _check_geometry(iova, length, page_size)
         npages = -(-length // page_size)
         idx = np.asarray(pages, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= npages):
