@@ -24,11 +24,38 @@ import numpy.typing as npt
 MAX_BITMAP_BYTES = 256 << 20
 
 
-def bitmap_bytes(length: int, page_size: int) -> int:
-    """Bytes of whole u64 words covering ``length`` bytes of IOVA at ``page_size``."""
+U64_MAX = (1 << 64) - 1
+
+
+def granule(page_size: int) -> int:
+    """The IOVA one bit stands for: ``1 << __ffs(page_size)``. The kernel shifts by the
+    lowest set bit (iova_bitmap_alloc, type1's pgshift), so a page size that is not a power
+    of two acts through that bit; 3 means one byte per bit, not three."""
     if page_size <= 0:
         raise ValueError(f"page_size must be positive, got {page_size}")
-    pages = -(-length // page_size)
+    return page_size & -page_size
+
+
+def iova_bitmap_bytes(length: int, page_size: int) -> int:
+    """Bytes of user bitmap iova_bitmap may write for ``length`` bytes of IOVA (iommufd's
+    GET_DIRTY_BITMAP and VFIO's DMA_LOGGING_REPORT): iova_bitmap_alloc's
+    mapped_total_index, the u64 words up to the bit of ``length - 1`` (u64 arithmetic: a
+    length of 0 is the whole 2^64 span) at ``__ffs(page_size)``."""
+    pgshift = granule(page_size).bit_length() - 1
+    return ((((length - 1) & U64_MAX) >> pgshift) // 64 + 1) * 8
+
+
+def type1_bitmap_bytes(size: int, pgsize: int) -> int:
+    """Bytes type1 requires of a dirty bitmap (vfio_iommu_type1.c verify_bitmap_size):
+    DIRTY_BITMAP_BYTES(size >> __ffs(pgsize)), whole u64 words; at least one word."""
+    pages = size >> (granule(pgsize).bit_length() - 1)
+    return max(1, -(-pages // 64)) * 8
+
+
+def bitmap_bytes(length: int, page_size: int) -> int:
+    """Bytes of whole u64 words covering ``length`` bytes of IOVA, one bit per
+    ``granule(page_size)`` (what :class:`DirtyBitmap` holds)."""
+    pages = -(-length // granule(page_size))
     return max(1, -(-pages // 64)) * 8
 
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from errno import EINVAL
 from typing import Any
 
-from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes, check_bitmap_size
+from vfiomig.host.bitmap import DirtyBitmap, check_bitmap_size, iova_bitmap_bytes
+from vfiomig.host.cstruct import check_int, fill
 from vfiomig.host.errors import (
     DeviceError,
     DmaLoggingError,
@@ -42,6 +43,8 @@ from vfiomig.host.migration import MigrationFile
 from vfiomig.host.resource import Resource
 from vfiomig.host.transport import Transport
 from vfiomig.uapi import vfio as v
+
+U32_MAX = (1 << 32) - 1
 
 
 class MigrationState(enum.IntEnum):
@@ -176,6 +179,7 @@ class VfioDevice(Resource):
         what: str = "",
     ) -> bytearray:
         """One VFIO_DEVICE_FEATURE ioctl; returns the (mutated) argument buffer."""
+        flags = fill(v.vfio_device_feature, "VFIO_DEVICE_FEATURE", flags=flags).flags
         buf = v.feature_buffer(flags, payload)
         op = feature_op(flags) + (f" {what}" if what else "")
         self.ioctl(v.VFIO_DEVICE_FEATURE, buf, op, cls)
@@ -206,13 +210,16 @@ class VfioDevice(Resource):
     def attach(self, pt: Ioas | Hwpt | int) -> int:
         """VFIO_DEVICE_ATTACH_IOMMUFD_PT to an IOAS (automatic domain) or a HWPT; a second
         attach replaces the first. Returns the id of the HWPT actually attached."""
-        pt_id = pt if isinstance(pt, int) else pt.id
-        attach = v.vfio_device_attach_iommufd_pt(
-            argsz=ctypes.sizeof(v.vfio_device_attach_iommufd_pt), flags=0, pt_id=pt_id
+        op = "VFIO_DEVICE_ATTACH_IOMMUFD_PT"
+        pt_id = pt.id if isinstance(pt, Ioas | Hwpt) else pt
+        attach = fill(
+            v.vfio_device_attach_iommufd_pt,
+            op,
+            argsz=ctypes.sizeof(v.vfio_device_attach_iommufd_pt),
+            flags=0,
+            pt_id=pt_id,
         )
-        self.ioctl(
-            v.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach, f"VFIO_DEVICE_ATTACH_IOMMUFD_PT({pt_id})"
-        )
+        self.ioctl(v.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach, f"{op}({attach.pt_id})")
         return int(attach.pt_id)
 
     def detach(self) -> None:
@@ -263,14 +270,17 @@ class VfioDevice(Resource):
         On failure raises :class:`MigrationStateError` with ``requested`` and ``current``
         (the state a follow-up GET found; the kernel itself only echoes the request).
         """
-        target = MigrationState.parse(state) if isinstance(state, str) else int(state)
         op_flags = SET | v.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
-        buf = v.feature_buffer(
-            op_flags, v.vfio_device_feature_mig_state(device_state=target, data_fd=-1)
-        )
+        if isinstance(state, str):
+            target = int(MigrationState.parse(state))
+        else:
+            target = check_int(feature_op(op_flags), "device_state", state, 0, U32_MAX, "__u32")
         op = f"{feature_op(op_flags)} {state_name(target)}"
         if self.closed:
             raise ValueError(f"device {self.path} is closed")
+        buf = v.feature_buffer(
+            op_flags, v.vfio_device_feature_mig_state(device_state=target, data_fd=-1)
+        )
         try:
             self.transport.ioctl(self.fd, v.VFIO_DEVICE_FEATURE, buf)
         except OSError as e:
@@ -310,14 +320,22 @@ class VfioDevice(Resource):
         """Start the device's own dirty log over ``(iova, length)`` ranges.
 
         Returns the page size the device chose (it may round the request)."""
-        arr = (v.vfio_device_feature_dma_logging_range * len(ranges))(
-            *(v.vfio_device_feature_dma_logging_range(iova=i, length=n) for i, n in ranges)
-        )
+        op = "VFIO_DEVICE_FEATURE[DMA_LOGGING_START]"
+        items = []
+        for r in ranges:
+            try:
+                i, n = r
+            except (TypeError, ValueError):
+                raise TypeError(f"{op}: each range must be an (iova, length) pair") from None
+            items.append(fill(v.vfio_device_feature_dma_logging_range, op, iova=i, length=n))
+        control = v.vfio_device_feature_dma_logging_control
+        fill(control, op, page_size=page_size, num_ranges=len(items))
+        arr = (v.vfio_device_feature_dma_logging_range * len(items))(*items)
         mem = self.scratch.get("log_ranges", ctypes.sizeof(arr))
-        if ranges:
+        if items:
             mem.write(bytes(arr))
         ctl = v.vfio_device_feature_dma_logging_control(
-            page_size=page_size, num_ranges=len(ranges), ranges=mem.addr if ranges else 0
+            page_size=page_size, num_ranges=len(items), ranges=mem.addr if items else 0
         )
         buf = self.feature(
             SET | v.VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
@@ -331,27 +349,36 @@ class VfioDevice(Resource):
         self.feature(SET | v.VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP, cls=DmaLoggingError)
 
     def dma_logging_report(self, iova: int, length: int, page_size: int = 4096) -> DirtyBitmap:
-        """Read-and-clear the device's dirty log for ``[iova, iova+length)``."""
-        nbytes = bitmap_bytes(length, page_size) if page_size > 0 else 8
+        """Read-and-clear the device's dirty log for ``[iova, iova+length)``.
+
+        The bitmap is sized as the kernel uses it (iova_bitmap_alloc: u64 words up to the
+        bit of ``length - 1``); a length of 0 asks the driver about nothing."""
+        op = "VFIO_DEVICE_FEATURE[DMA_LOGGING_REPORT]"
+        rep = fill(
+            v.vfio_device_feature_dma_logging_report,
+            op,
+            iova=iova,
+            length=length,
+            page_size=page_size,
+        )
+        iova, length, page_size = int(rep.iova), int(rep.length), int(rep.page_size)
         # vfio_ioctl_device_feature_logging_report: EINVAL for a page size under 4 KiB or not
         # a power of two, EOVERFLOW when iova + length passes 2^64 - 1, both before the bitmap
         rejected = page_size < 4096 or page_size & (page_size - 1) or iova + length > U64_MAX
+        if rejected or length == 0:
+            nbytes = 8
+        else:
+            nbytes = iova_bitmap_bytes(length, page_size)
         check_bitmap_size(nbytes, length, page_size, rejected=bool(rejected))
-        mem = self.scratch.get("log_bitmap", min(nbytes, MAX_BITMAP_BYTES))
-        rep = v.vfio_device_feature_dma_logging_report(
-            iova=iova, length=length, page_size=page_size, bitmap=mem.addr
-        )
+        mem = self.scratch.get("log_bitmap", nbytes)
+        rep.bitmap = mem.addr
         self.feature(
             GET | v.VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
             rep,
             cls=DmaLoggingError,
             what=f"({iova:#x}, {length:#x}, page_size={page_size:#x})",
         )
-        if page_size <= 0:
-            return DirtyBitmap.from_words(iova, 0, 1, mem.words(8))
-        return DirtyBitmap.from_words(
-            iova, length, page_size, mem.words(min(nbytes, MAX_BITMAP_BYTES))
-        )
+        return DirtyBitmap.from_words(iova, length, page_size, mem.words(nbytes))
 
     # -- lifetime -----------------------------------------------------------------------
 

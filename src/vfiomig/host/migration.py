@@ -15,12 +15,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from errno import EIO, ENOMSG
 
+from vfiomig.host.cstruct import check_int, fill
 from vfiomig.host.errors import MigrationDataError, call
 from vfiomig.host.resource import Resource
 from vfiomig.host.transport import POLLIN, Transport
 from vfiomig.uapi import vfio as v
 
 DEFAULT_CHUNK = 1 << 20
+SSIZE_MAX = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,9 @@ class MigrationFile(Resource):
 
     def read(self, n: int = DEFAULT_CHUNK) -> bytes:
         """One read(2): up to ``n`` bytes; ``b""`` at end of stream; ENOMSG raises."""
+        op = "read(data_fd)"
         self._check()
+        n = check_int(op, "count", n, 0, SSIZE_MAX, "size_t")
         return call(MigrationDataError, f"read(data_fd, {n})", self.transport.read, self.fd, n)
 
     def read_chunk(self, n: int = DEFAULT_CHUNK) -> bytes | None:
@@ -81,11 +85,14 @@ class MigrationFile(Resource):
         """VFIO_MIG_GET_PRECOPY_INFO (only in PRE_COPY / PRE_COPY_P2P, else EINVAL).
 
         ``flags`` is what goes into the struct: a v1 kernel hands it back unchanged."""
+        op = "VFIO_MIG_GET_PRECOPY_INFO"
         self._check()
-        info = v.vfio_precopy_info(argsz=ctypes.sizeof(v.vfio_precopy_info), flags=flags)
+        info = fill(
+            v.vfio_precopy_info, op, argsz=ctypes.sizeof(v.vfio_precopy_info), flags=flags
+        )
         call(
             MigrationDataError,
-            "VFIO_MIG_GET_PRECOPY_INFO",
+            op,
             self.transport.ioctl,
             self.fd,
             v.VFIO_MIG_GET_PRECOPY_INFO,
@@ -94,7 +101,10 @@ class MigrationFile(Resource):
         return PrecopyInfo(int(info.initial_bytes), int(info.dirty_bytes), int(info.flags))
 
     def poll(self, timeout_ms: int = 0, events: int = POLLIN) -> int:
+        op = "poll(data_fd)"
         self._check()
+        events = check_int(op, "events", events, 0, 0xFFFF, "short")  # struct pollfd
+        timeout_ms = check_int(op, "timeout", timeout_ms, -(1 << 31), (1 << 31) - 1, "int")
         return call(
             MigrationDataError, "poll(data_fd)", self.transport.poll, self.fd, events, timeout_ms
         )
