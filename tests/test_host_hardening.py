@@ -20,17 +20,19 @@ from test_host_linux import FakeSyscalls
 from vfiomig.host import (
     Container,
     DirtyBitmap,
+    DmaLoggingError,
     Hwpt,
     Ioas,
     IoasError,
     Iommufd,
+    IommufdError,
     LinuxTransport,
     MigrationState,
     ModelTransport,
     VfioDevice,
     VfioError,
 )
-from vfiomig.host.errors import ArgumentError
+from vfiomig.host.errors import ArgumentError, ClosedError
 from vfiomig.kernel import ModelKernel
 from vfiomig.uapi import iommufd as u
 from vfiomig.uapi import vfio as v
@@ -71,6 +73,141 @@ def _dirty_setup(
     hwpt = ictx.hwpt_alloc(dev_id, ioas, dirty_tracking=True)
     dev.attach(hwpt)
     return ioas, hwpt
+
+
+# -- e: handles of destroyed or closed objects refuse use ----------------------------------------
+
+
+def test_destroyed_ioas_handle_refuses_and_never_drives_its_successor(t: ModelTransport) -> None:
+    with Iommufd(t) as ictx, t.mmap(4 * PAGE) as mem:
+        old = ictx.ioas_alloc()
+        old.destroy()
+        new = ictx.ioas_alloc()
+        assert new.id == old.id  # the kernel hands the id out again
+        calls: list[Any] = [
+            lambda: old.map(mem, iova=1 << 20),
+            lambda: old.unmap(1 << 20, PAGE),
+            lambda: old.unmap_all(),
+            lambda: old.copy(0, PAGE, dst=new),
+            lambda: new.copy(0, PAGE, dst=old),
+            lambda: old.iova_ranges(),
+            lambda: old.allow_iovas([(1 << 32, (1 << 33) - 1)]),
+            lambda: old.set_huge_pages(False),
+            lambda: old.huge_pages(),
+        ]
+        for call in calls:
+            with pytest.raises(ClosedError) as e:
+                call()
+            assert isinstance(e.value, VfioError) and e.value.errno == errno.ENOENT
+            assert e.value.op.startswith("IOMMU_")
+        assert "IOMMU_IOAS_MAP" in str(pytest.raises(ClosedError, old.map, mem, iova=0).value)
+        assert new.huge_pages() and new.unmap_all() == 0  # the new IOAS was never touched
+        old.destroy()  # still a no-op
+        new.destroy()
+
+
+def test_destroyed_hwpt_refuses_and_attach_checks_handles(k: ModelKernel, t: ModelTransport) -> None:
+    path = k.add_device("reference")
+    with Iommufd(t) as ictx, VfioDevice(t, path) as dev:
+        ioas, hwpt = _dirty_setup(k, t, ictx, dev)
+        dev.attach(ioas)  # off the HWPT, so that it can go
+        hwpt.destroy()
+        for call in (
+            lambda: hwpt.set_dirty_tracking(True),
+            lambda: hwpt.get_dirty_bitmap(0, PAGE),
+            lambda: dev.attach(hwpt),
+        ):
+            with pytest.raises(ClosedError):
+                call()
+        dev.detach()
+        ioas.destroy()
+        with pytest.raises(ClosedError, match="IOMMU_HWPT_ALLOC"):
+            ictx.hwpt_alloc(1, ioas)
+        with Iommufd(t) as other:
+            foreign = other.ioas_alloc()
+            with pytest.raises(ValueError, match="another iommufd"):
+                ictx.hwpt_alloc(1, foreign)
+            with pytest.raises(ValueError, match="another iommufd"):
+                dev.attach(foreign)
+
+
+def test_destroy_by_id_and_closing_the_iommufd_retire_handles(t: ModelTransport) -> None:
+    ictx = Iommufd(t)
+    a, b = ictx.ioas_alloc(), ictx.ioas_alloc()
+    ictx.destroy(a.id)
+    with pytest.raises(ClosedError):
+        a.iova_ranges()
+    ictx.close()
+    with pytest.raises(ClosedError, match="its iommufd is closed"):
+        b.iova_ranges()
+    with pytest.raises(ClosedError) as e:
+        ictx.ioas_alloc()
+    assert e.value.errno == errno.EBADF
+    b.destroy()  # nothing left to destroy: a no-op
+
+
+def test_closed_fd_objects_and_unmapped_memory_refuse(k: ModelKernel, t: ModelTransport) -> None:
+    path = k.add_device("reference")
+    with Iommufd(t) as ictx:
+        ioas = ictx.ioas_alloc()
+        mem = t.mmap(PAGE)
+        mem.close()
+        with pytest.raises(ClosedError) as e:
+            ioas.map(mem, iova=1 << 20)  # its address may be another mapping's now
+        assert e.value.errno == errno.EFAULT and e.value.op == "IOMMU_IOAS_MAP"
+        dev = VfioDevice(t, path)
+        dev.bind(ictx)
+        dev.set_state(S.STOP)
+        f = dev.set_state(S.STOP_COPY)
+        assert f is not None
+        f.close()
+        dev.close()
+        for call in (dev.reset, dev.info, lambda: dev.set_state(S.RUNNING), f.read, f.poll):
+            with pytest.raises(ClosedError) as e:
+                call()
+            assert e.value.errno == errno.EBADF
+            assert isinstance(e.value, ValueError)  # also the ValueError it used to be
+
+
+# -- f: a failed destroy stays retryable; __exit__ never masks the block's exception ------------
+
+
+def test_busy_destroy_can_be_retried(k: ModelKernel, t: ModelTransport) -> None:
+    path = k.add_device("reference")
+    with Iommufd(t) as ictx, VfioDevice(t, path) as dev:
+        ioas, hwpt = _dirty_setup(k, t, ictx, dev)
+        with pytest.raises(IommufdError) as e:
+            ioas.destroy()  # the HWPT holds it
+        assert e.value.errno == errno.EBUSY
+        assert not ioas.closed and ioas.iova_ranges().alignment  # still usable
+        dev.detach()
+        hwpt.destroy()
+        ioas.destroy()  # the retry succeeds
+        assert ioas.closed
+        assert ictx.ioas_alloc().id == ioas.id  # it really went
+
+
+def test_exit_keeps_the_blocks_exception(k: ModelKernel, t: ModelTransport) -> None:
+    path = k.add_device("reference")
+    with Iommufd(t) as ictx, VfioDevice(t, path) as dev:
+        ioas, hwpt = _dirty_setup(k, t, ictx, dev)
+
+        class Boom(Exception):
+            pass
+
+        with pytest.raises(Boom) as e, ioas:
+            raise Boom("the user's own error")
+        notes = getattr(e.value, "__notes__", [])
+        assert len(notes) == 1 and "EBUSY" in notes[0]  # the destroy's failure, as a note
+        assert not ioas.closed  # and it can still be destroyed later
+        with pytest.raises(IommufdError):  # without an exception in the block, it raises
+            with ioas:
+                pass
+        dev.detach()
+        hwpt.destroy()
+        with ioas:
+            pass
+        assert ioas.closed
 
 
 # -- g: bitmaps sized as the kernel uses them ------------------------------------------------------
@@ -201,3 +338,17 @@ def test_dirty_bitmap_rejects_a_page_size_that_is_not_positive(page_size: int) -
         DirtyBitmap.from_words(0, -1, PAGE, words)
     with pytest.raises(TypeError):
         DirtyBitmap.from_words(0, PAGE, 4096.0, words)  # type: ignore[arg-type]
+
+
+def test_dma_logging_errors_stay_in_the_hierarchy(k: ModelKernel, t: ModelTransport) -> None:
+    """A bitmap request of length 0 asks the driver about nothing; the kernel's own
+    refusals come back as DmaLoggingError."""
+    path = k.add_device("reference")
+    with Iommufd(t) as ictx, VfioDevice(t, path) as dev:
+        dev.bind(ictx)
+        dev.dma_logging_start([(0, 1 << 20)])
+        assert dev.dma_logging_report(0, 0).npages == 0
+        with pytest.raises(DmaLoggingError) as e:
+            dev.dma_logging_report(0, 1 << 20, 2048)
+        assert e.value.errno == errno.EINVAL
+        dev.dma_logging_stop()

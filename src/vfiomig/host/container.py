@@ -62,6 +62,7 @@ class Type1Info:
 class Container(Resource):
     """An open /dev/vfio/vfio; a context manager that closes it."""
 
+
     def __init__(self, transport: Transport, path: str = VFIO_CONTAINER_PATH) -> None:
         self.transport = transport
         self.path = path
@@ -69,8 +70,7 @@ class Container(Resource):
         self.scratch = Scratch(transport.mmap)
 
     def ioctl(self, request: int, arg: Any, op: str, cls: type[VfioError] = ContainerError) -> int:
-        if self.closed:
-            raise ValueError("container is closed")
+        self._check_open(op)
         return call(cls, op, self.transport.ioctl, self.fd, request, arg)
 
     def api_version(self) -> int:
@@ -111,7 +111,8 @@ class Container(Resource):
         writeable: bool = True,
     ) -> None:
         op = "VFIO_IOMMU_MAP_DMA"
-        vaddr, size = user_range(user, size, "size")
+        self._check_open(op)
+        vaddr, size = user_range(user, size, "size", op)
         flags = (v.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (
             v.VFIO_DMA_MAP_FLAG_WRITE if writeable else 0
         )
@@ -156,6 +157,7 @@ class Container(Resource):
         reads what the kernel wrote there. Its size is what type1 requires and writes
         (verify_bitmap_size: size >> __ffs(pgsize) bits in u64 words); type1 itself refuses
         a bitmap over MAX_BITMAP_BYTES (EINVAL) before writing it, so no more is mapped."""
+        self._check_open(op)
         bm = fill(v.vfio_bitmap, op, pgsize=pgsize, size=0)
         pgsize = int(bm.pgsize)
         nbytes = type1_bitmap_bytes(size, pgsize) if pgsize else 8  # __ffs(0): EINVAL
@@ -194,9 +196,13 @@ class Container(Resource):
         self.scratch.close()
         call(ContainerError, "close(container)", self.transport.close, self.fd)
 
+    def __repr__(self) -> str:
+        return f"Container({self.path!r}, fd={self.fd}{', closed' if self.closed else ''})"
+
 
 class Group(Resource):
     """An open /dev/vfio/N; a context manager that closes it."""
+
 
     def __init__(self, transport: Transport, path: str) -> None:
         self.transport = transport
@@ -204,8 +210,7 @@ class Group(Resource):
         self.fd = call(OpenError, f"open({path})", transport.open, path, os.O_RDWR)
 
     def ioctl(self, request: int, arg: Any, op: str) -> int:
-        if self.closed:
-            raise ValueError("group is closed")
+        self._check_open(op)
         return call(GroupError, op, self.transport.ioctl, self.fd, request, arg)
 
     def status(self) -> int:
@@ -219,6 +224,7 @@ class Group(Resource):
 
     def set_container(self, container: Container) -> None:
         # The argument is a pointer to an int holding the container fd.
+        container._check_open("VFIO_GROUP_SET_CONTAINER")  # its fd may be another file now
         fd = bytearray(struct.pack("=i", container.fd))
         self.ioctl(v.VFIO_GROUP_SET_CONTAINER, fd, "VFIO_GROUP_SET_CONTAINER")
 
@@ -235,6 +241,9 @@ class Group(Resource):
 
     def _release(self) -> None:
         call(GroupError, "close(group)", self.transport.close, self.fd)
+
+    def __repr__(self) -> str:
+        return f"Group({self.path!r}, fd={self.fd}{', closed' if self.closed else ''})"
 
 
 def _parse_type1_info(raw: bytes, hdr: v.vfio_iommu_type1_info) -> Type1Info:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from errno import EINVAL
@@ -155,6 +156,7 @@ class VfioDevice(Resource):
     built with ``fd=`` (see :meth:`vfiomig.host.container.Group.get_device`).
     """
 
+
     def __init__(self, transport: Transport, path: str, *, fd: int | None = None) -> None:
         self.transport = transport
         self.path = path
@@ -166,8 +168,7 @@ class VfioDevice(Resource):
     # -- plumbing -----------------------------------------------------------------------
 
     def ioctl(self, request: int, arg: Any, op: str, cls: type[VfioError] = DeviceError) -> int:
-        if self.closed:
-            raise ValueError(f"device {self.path} is closed")
+        self._check_open(op)
         return call(cls, op, self.transport.ioctl, self.fd, request, arg)
 
     def feature(
@@ -201,17 +202,28 @@ class VfioDevice(Resource):
 
     def bind(self, iommufd: Iommufd) -> int:
         """VFIO_DEVICE_BIND_IOMMUFD; returns the device's iommufd object id."""
+        op = "VFIO_DEVICE_BIND_IOMMUFD"
+        self._check_open(op)
+        iommufd._check_open(op)  # its fd number may belong to another file now
         bind = v.vfio_device_bind_iommufd(
             argsz=ctypes.sizeof(v.vfio_device_bind_iommufd), flags=0, iommufd=iommufd.fd
         )
-        self.ioctl(v.VFIO_DEVICE_BIND_IOMMUFD, bind, "VFIO_DEVICE_BIND_IOMMUFD")
+        self.ioctl(v.VFIO_DEVICE_BIND_IOMMUFD, bind, op)
+        self._iommufd = weakref.ref(iommufd)  # to check handles against; not kept alive
         return int(bind.out_devid)
 
     def attach(self, pt: Ioas | Hwpt | int) -> int:
         """VFIO_DEVICE_ATTACH_IOMMUFD_PT to an IOAS (automatic domain) or a HWPT; a second
-        attach replaces the first. Returns the id of the HWPT actually attached."""
+        attach replaces the first. Returns the id of the HWPT actually attached. A handle
+        must be live and belong to the iommufd the device was bound to."""
         op = "VFIO_DEVICE_ATTACH_IOMMUFD_PT"
-        pt_id = pt.id if isinstance(pt, Ioas | Hwpt) else pt
+        self._check_open(op)
+        if isinstance(pt, Ioas | Hwpt):
+            ref = getattr(self, "_iommufd", None)
+            bound = ref() if ref is not None else None
+            pt_id = (bound if bound is not None else pt.ictx)._own(pt, op)
+        else:
+            pt_id = pt
         attach = fill(
             v.vfio_device_attach_iommufd_pt,
             op,
@@ -276,8 +288,7 @@ class VfioDevice(Resource):
         else:
             target = check_int(feature_op(op_flags), "device_state", state, 0, U32_MAX, "__u32")
         op = f"{feature_op(op_flags)} {state_name(target)}"
-        if self.closed:
-            raise ValueError(f"device {self.path} is closed")
+        self._check_open(op)
         buf = v.feature_buffer(
             op_flags, v.vfio_device_feature_mig_state(device_state=target, data_fd=-1)
         )
@@ -321,6 +332,7 @@ class VfioDevice(Resource):
 
         Returns the page size the device chose (it may round the request)."""
         op = "VFIO_DEVICE_FEATURE[DMA_LOGGING_START]"
+        self._check_open(op)
         items = []
         for r in ranges:
             try:
@@ -354,6 +366,7 @@ class VfioDevice(Resource):
         The bitmap is sized as the kernel uses it (iova_bitmap_alloc: u64 words up to the
         bit of ``length - 1``); a length of 0 asks the driver about nothing."""
         op = "VFIO_DEVICE_FEATURE[DMA_LOGGING_REPORT]"
+        self._check_open(op)
         rep = fill(
             v.vfio_device_feature_dma_logging_report,
             op,

@@ -17,13 +17,15 @@ The subclass says which family of objects failed::
     │   └── DmaLoggingError    DMA_LOGGING_START / STOP / REPORT
     ├── ContainerError         legacy /dev/vfio/vfio container (type1)
     │   └── GroupError         legacy /dev/vfio/N group
+    ├── ClosedError            a handle used after close() / destroy() (no syscall made)
     └── ArgumentError          a value that does not fit its C field (no syscall made)
 
 Arguments the library rejects before any syscall are ``ValueError``: they are the caller's
-bug, not the kernel's answer. ``ArgumentError`` derives from ``VfioError`` *and*
-``ValueError``: it names the operation and the field. Anything else (an unknown state name,
-a bitmap larger than the library maps) is a plain ``ValueError``; an argument of the wrong
-type is a ``TypeError``.
+bug, not the kernel's answer. The two the library can name an operation for are both:
+``ClosedError`` and ``ArgumentError`` derive from ``VfioError`` *and* ``ValueError``, so
+``except VfioError`` sees every failure of a call and ``except ValueError`` every refusal.
+Anything else (an unknown state name, a bitmap larger than the library maps) is a plain
+``ValueError``; an argument of the wrong type is a ``TypeError``.
 """
 
 from __future__ import annotations
@@ -120,6 +122,12 @@ class ContainerError(VfioError):
 
 class GroupError(ContainerError):
     """A legacy VFIO group ioctl failed."""
+
+
+class ClosedError(VfioError, ValueError):
+    """An operation on a handle whose object is gone: an fd the library closed (EBADF), an
+    iommufd object destroyed or whose iommufd was closed (ENOENT), user memory unmapped
+    (EFAULT). Refused before any syscall: the number it held may name another object now."""
 
 
 class ArgumentError(VfioError, ValueError):

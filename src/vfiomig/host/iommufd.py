@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from errno import EMSGSIZE
+from errno import EMSGSIZE, ENOENT
 from typing import Any
 
 from vfiomig.host.bitmap import (
@@ -31,7 +32,15 @@ from vfiomig.host.bitmap import (
     iova_bitmap_bytes,
 )
 from vfiomig.host.cstruct import fill
-from vfiomig.host.errors import HwptError, IoasError, IommufdError, OpenError, VfioError, call
+from vfiomig.host.errors import (
+    ClosedError,
+    HwptError,
+    IoasError,
+    IommufdError,
+    OpenError,
+    VfioError,
+    call,
+)
 from vfiomig.host.memory import Scratch, UserBuffer, user_range
 from vfiomig.host.resource import Resource
 from vfiomig.host.transport import IOMMUFD_PATH, Transport
@@ -83,19 +92,34 @@ class IovaRanges:
 class Iommufd(Resource):
     """An open /dev/iommu (an ``iommufd_ctx``); a context manager that closes it.
 
-    Closing destroys every object the context still holds, as the kernel does.
+    Closing destroys every object the context still holds, as the kernel does: their
+    handles refuse use from then on (ClosedError).
     """
+
 
     def __init__(self, transport: Transport, path: str = IOMMUFD_PATH) -> None:
         self.transport = transport
         self.path = path
         self.fd = call(OpenError, f"open({path})", transport.open, path, os.O_RDWR)
         self.scratch = Scratch(transport.mmap)
+        # id -> the live handle for it, so that destroy(id) retires that handle too
+        self._handles: weakref.WeakValueDictionary[int, _Object] = weakref.WeakValueDictionary()
 
     def ioctl(self, request: int, arg: Any, op: str, cls: type[VfioError] = IommufdError) -> int:
-        if self.closed:
-            raise ValueError("iommufd is closed")
+        self._check_open(op)
         return call(cls, op, self.transport.ioctl, self.fd, request, arg)
+
+    def _adopt(self, obj: _Object) -> None:
+        self._handles[obj.id] = obj
+
+    def _own(self, pt: Any, op: str) -> int:
+        """The object id of ``pt``: an int as given, or a live handle of this iommufd."""
+        if isinstance(pt, _Object):
+            pt._check_open(op)
+            if pt.ictx is not self:
+                raise ValueError(f"{op}: {pt!r} belongs to another iommufd")
+            return pt.id
+        return pt
 
     # -- objects ------------------------------------------------------------------------
 
@@ -113,7 +137,7 @@ class Iommufd(Resource):
         flags: int = 0,
     ) -> Hwpt:
         """IOMMU_HWPT_ALLOC of a paging HWPT for ``dev_id`` over the IOAS ``pt``."""
-        pt_id = pt.id if isinstance(pt, Ioas) else pt
+        pt_id = self._own(pt, "IOMMU_HWPT_ALLOC")
         if dirty_tracking:
             flags |= u.IOMMU_HWPT_ALLOC_DIRTY_TRACKING
         cmd = _struct(
@@ -123,12 +147,17 @@ class Iommufd(Resource):
         return Hwpt(self, int(cmd.out_hwpt_id))
 
     def destroy(self, obj_id: int) -> None:
+        """IOMMU_DESTROY of an id; a handle of this iommufd for it is retired with it."""
         cmd = _struct(u.iommu_destroy, "IOMMU_DESTROY", id=obj_id)
         self.ioctl(u.IOMMU_DESTROY, cmd, f"IOMMU_DESTROY({obj_id})")
+        handle = self._handles.pop(int(cmd.id), None)
+        if handle is not None:
+            handle.closed = True
 
     def hw_info(self, dev_id: int, data_len: int = 256) -> HwInfo:
         """IOMMU_GET_HW_INFO for a bound device (its id from ``VfioDevice.bind``)."""
         op = "IOMMU_GET_HW_INFO"
+        self._check_open(op)
         _struct(u.iommu_hw_info, op, dev_id=dev_id, data_len=data_len)  # before any mmap
         buf = self.scratch.get("hw_info", data_len)
         cmd = _struct(u.iommu_hw_info, op, dev_id=dev_id, data_len=data_len, data_uptr=buf.addr)
@@ -151,13 +180,24 @@ class Iommufd(Resource):
         self.scratch.close()
         call(IommufdError, "close(iommufd)", self.transport.close, self.fd)
 
+    def __repr__(self) -> str:
+        return f"Iommufd({self.path!r}, fd={self.fd}{', closed' if self.closed else ''})"
+
 
 class _Object(Resource):
-    """An iommufd object: an id inside one Iommufd; ``destroy()`` / context manager."""
+    """An iommufd object: an id inside one Iommufd; ``destroy()`` / context manager.
+
+    Once destroyed (or its iommufd closed) the handle refuses every operation with
+    ClosedError: the id may already name a new object. A destroy the kernel refuses (EBUSY:
+    a device or HWPT still uses it) leaves the handle usable, and can be retried."""
+
+    _retry_release = True
+    _closed_errno = ENOENT
 
     def __init__(self, ictx: Iommufd, obj_id: int) -> None:
         self.ictx = ictx
         self.id = obj_id
+        ictx._adopt(self)
 
     def destroy(self) -> None:
         """IOMMU_DESTROY; a no-op once destroyed or after the iommufd was closed."""
@@ -167,8 +207,19 @@ class _Object(Resource):
         if not self.ictx.closed:  # closing the iommufd destroyed everything already
             self.ictx.destroy(self.id)
 
+    def _check_open(self, op: str) -> None:
+        if self.closed:
+            raise ClosedError(ENOENT, op, f"{self!r} was destroyed")
+        if self.ictx.closed:
+            raise ClosedError(ENOENT, op, f"{self!r}: its iommufd is closed")
+
+    def _ioctl(self, request: int, arg: Any, op: str, cls: type[VfioError]) -> int:
+        self._check_open(op)
+        return self.ictx.ioctl(request, arg, op, cls)
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(id={self.id})"
+        gone = ", destroyed" if self.closed or self.ictx.closed else ""
+        return f"{type(self).__name__}(id={self.id}{gone})"
 
 
 class Ioas(_Object):
@@ -184,7 +235,8 @@ class Ioas(_Object):
         writeable: bool = True,
     ) -> int:
         """IOMMU_IOAS_MAP; returns the IOVA (chosen by the kernel when ``iova`` is None)."""
-        user_va, length = user_range(user, length, "length")
+        self._check_open("IOMMU_IOAS_MAP")
+        user_va, length = user_range(user, length, "length", "IOMMU_IOAS_MAP")
         cmd = _struct(
             u.iommu_ioas_map,
             "IOMMU_IOAS_MAP",
@@ -196,7 +248,7 @@ class Ioas(_Object):
         )
         where = f"iova={cmd.iova:#x}" if iova is not None else "auto"
         op = f"IOMMU_IOAS_MAP({where}, {cmd.length:#x})"
-        self.ictx.ioctl(u.IOMMU_IOAS_MAP, cmd, op, IoasError)
+        self._ioctl(u.IOMMU_IOAS_MAP, cmd, op, IoasError)
         return int(cmd.iova)
 
     def unmap(self, iova: int, length: int) -> int:
@@ -210,7 +262,7 @@ class Ioas(_Object):
         cmd = _struct(u.iommu_ioas_unmap, op, ioas_id=self.id, iova=iova, length=length)
         if op == "IOMMU_IOAS_UNMAP":
             op = f"IOMMU_IOAS_UNMAP({cmd.iova:#x}, {cmd.length:#x})"
-        self.ictx.ioctl(u.IOMMU_IOAS_UNMAP, cmd, op, IoasError)
+        self._ioctl(u.IOMMU_IOAS_UNMAP, cmd, op, IoasError)
         return int(cmd.length)
 
     def copy(
@@ -224,23 +276,25 @@ class Ioas(_Object):
         writeable: bool = True,
     ) -> int:
         """IOMMU_IOAS_COPY of mapped pages of this IOAS into ``dst`` (default: this IOAS)."""
+        self._check_open("IOMMU_IOAS_COPY")
         cmd = _struct(
             u.iommu_ioas_copy,
             "IOMMU_IOAS_COPY",
             flags=_map_flags(readable, writeable, fixed=dst_iova is not None),
-            dst_ioas_id=(dst if dst is not None else self).id,
+            dst_ioas_id=self.ictx._own(dst if dst is not None else self, "IOMMU_IOAS_COPY"),
             src_ioas_id=self.id,
             length=length,
             dst_iova=0 if dst_iova is None else dst_iova,
             src_iova=src_iova,
         )
         op = f"IOMMU_IOAS_COPY({cmd.src_iova:#x}, {cmd.length:#x})"
-        self.ictx.ioctl(u.IOMMU_IOAS_COPY, cmd, op, IoasError)
+        self._ioctl(u.IOMMU_IOAS_COPY, cmd, op, IoasError)
         return int(cmd.dst_iova)
 
     def iova_ranges(self) -> IovaRanges:
         """IOMMU_IOAS_IOVA_RANGES (grows its buffer and asks again on EMSGSIZE)."""
         op = "IOMMU_IOAS_IOVA_RANGES"
+        self._check_open(op)
         rsize = ctypes.sizeof(u.iommu_iova_range)
         capacity = 8
         for _ in range(8):
@@ -253,7 +307,7 @@ class Ioas(_Object):
                 allowed_iovas=buf.addr,
             )
             try:
-                self.ictx.ioctl(u.IOMMU_IOAS_IOVA_RANGES, cmd, op, IoasError)
+                self._ioctl(u.IOMMU_IOAS_IOVA_RANGES, cmd, op, IoasError)
             except IoasError as e:
                 if e.errno == EMSGSIZE and cmd.num_iovas > capacity:
                     capacity = int(cmd.num_iovas)
@@ -269,6 +323,7 @@ class Ioas(_Object):
     def allow_iovas(self, ranges: Sequence[tuple[int, int]]) -> None:
         """IOMMU_IOAS_ALLOW_IOVAS: restrict automatic IOVAs to these inclusive ranges."""
         op = "IOMMU_IOAS_ALLOW_IOVAS"
+        self._check_open(op)
         items = [
             fill(u.iommu_iova_range, op, start=s, last=last) for s, last in _pairs(ranges, op)
         ]
@@ -284,7 +339,7 @@ class Ioas(_Object):
             num_iovas=len(items),
             allowed_iovas=buf.addr if items else 0,
         )
-        self.ictx.ioctl(u.IOMMU_IOAS_ALLOW_IOVAS, cmd, op, IoasError)
+        self._ioctl(u.IOMMU_IOAS_ALLOW_IOVAS, cmd, op, IoasError)
 
     def set_huge_pages(self, enable: bool) -> None:
         """IOMMU_OPTION HUGE_PAGES: off forces 4 KiB IOPTEs (4 KiB dirty granularity)."""
@@ -303,7 +358,7 @@ class Ioas(_Object):
             object_id=self.id,
             val64=val64,
         )
-        self.ictx.ioctl(u.IOMMU_OPTION, cmd, what, IoasError)
+        self._ioctl(u.IOMMU_OPTION, cmd, what, IoasError)
         return int(cmd.val64)
 
 
@@ -315,7 +370,7 @@ class Hwpt(_Object):
         flags = u.IOMMU_HWPT_DIRTY_TRACKING_ENABLE if enable else 0
         op = f"IOMMU_HWPT_SET_DIRTY_TRACKING({'enable' if enable else 'disable'})"
         cmd = _struct(u.iommu_hwpt_set_dirty_tracking, op, flags=flags, hwpt_id=self.id)
-        self.ictx.ioctl(u.IOMMU_HWPT_SET_DIRTY_TRACKING, cmd, op, HwptError)
+        self._ioctl(u.IOMMU_HWPT_SET_DIRTY_TRACKING, cmd, op, HwptError)
 
     def get_dirty_bitmap(
         self, iova: int, length: int, page_size: int = 4096, *, no_clear: bool = False
@@ -327,6 +382,7 @@ class Hwpt(_Object):
         bit of ``length - 1`` at ``__ffs(page_size)``), and the result's page size is that
         granule: a ``page_size`` that is not a power of two acts through its lowest bit."""
         op = "IOMMU_HWPT_GET_DIRTY_BITMAP"
+        self._check_open(op)
         flags = u.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR if no_clear else 0
         cmd = _struct(
             u.iommu_hwpt_get_dirty_bitmap,
@@ -352,7 +408,7 @@ class Hwpt(_Object):
         cmd.data = buf.addr
         op = f"{op}({iova:#x}, {length:#x}, {page_size:#x}"
         op += ", NO_CLEAR)" if no_clear else ")"
-        self.ictx.ioctl(u.IOMMU_HWPT_GET_DIRTY_BITMAP, cmd, op, HwptError)
+        self._ioctl(u.IOMMU_HWPT_GET_DIRTY_BITMAP, cmd, op, HwptError)
         return DirtyBitmap.from_words(iova, length, granule(page_size), buf.words(nbytes))
 
 

@@ -42,21 +42,18 @@ class PrecopyInfo:
 class MigrationFile(Resource):
     """A migration data fd; a context manager that closes it."""
 
+
     def __init__(self, transport: Transport, fd: int, *, saving: bool) -> None:
         self.transport = transport
         self.fd = fd
         self.saving = saving
-
-    def _check(self) -> None:
-        if self.closed:
-            raise ValueError("migration file is closed")
 
     # -- saving -------------------------------------------------------------------------
 
     def read(self, n: int = DEFAULT_CHUNK) -> bytes:
         """One read(2): up to ``n`` bytes; ``b""`` at end of stream; ENOMSG raises."""
         op = "read(data_fd)"
-        self._check()
+        self._check_open(op)
         n = check_int(op, "count", n, 0, SSIZE_MAX, "size_t")
         return call(MigrationDataError, f"read(data_fd, {n})", self.transport.read, self.fd, n)
 
@@ -86,7 +83,7 @@ class MigrationFile(Resource):
 
         ``flags`` is what goes into the struct: a v1 kernel hands it back unchanged."""
         op = "VFIO_MIG_GET_PRECOPY_INFO"
-        self._check()
+        self._check_open(op)
         info = fill(
             v.vfio_precopy_info, op, argsz=ctypes.sizeof(v.vfio_precopy_info), flags=flags
         )
@@ -102,7 +99,7 @@ class MigrationFile(Resource):
 
     def poll(self, timeout_ms: int = 0, events: int = POLLIN) -> int:
         op = "poll(data_fd)"
-        self._check()
+        self._check_open(op)
         events = check_int(op, "events", events, 0, 0xFFFF, "short")  # struct pollfd
         timeout_ms = check_int(op, "timeout", timeout_ms, -(1 << 31), (1 << 31) - 1, "int")
         return call(
@@ -113,7 +110,7 @@ class MigrationFile(Resource):
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """One write(2); returns how many bytes the kernel took."""
-        self._check()
+        self._check_open("write(data_fd)")
         return call(
             MigrationDataError, f"write(data_fd, {len(data)})", self.transport.write, self.fd, data
         )
