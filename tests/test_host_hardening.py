@@ -10,6 +10,7 @@ import ctypes
 import errno
 import gc
 import struct
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +28,7 @@ from vfiomig.host import (
     Iommufd,
     IommufdError,
     LinuxTransport,
+    MigrationFile,
     MigrationState,
     ModelTransport,
     VfioDevice,
@@ -338,6 +340,49 @@ def test_dirty_bitmap_rejects_a_page_size_that_is_not_positive(page_size: int) -
         DirtyBitmap.from_words(0, -1, PAGE, words)
     with pytest.raises(TypeError):
         DirtyBitmap.from_words(0, PAGE, 4096.0, words)  # type: ignore[arg-type]
+
+
+# -- j: dropped fd owners are closed with a ResourceWarning --------------------------------------
+
+
+def test_dropped_fd_owners_warn_and_close(k: ModelKernel, t: ModelTransport) -> None:
+    path = k.add_device("reference")
+    ictx = Iommufd(t)
+    dev = VfioDevice(t, path)
+    dev.bind(ictx)
+    dev.set_state(S.STOP)
+    f = dev.set_state(S.STOP_COPY)
+    assert isinstance(f, MigrationFile)
+    fd = f.fd
+    assert fd in k.fdt.files
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del f
+        gc.collect()
+    assert fd not in k.fdt.files
+    assert [w.category for w in caught] == [ResourceWarning]
+    assert "unclosed MigrationFile" in str(caught[0].message)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del dev, ictx
+        gc.collect()
+    assert sorted(str(w.message).split("(")[0] for w in caught) == [
+        "unclosed Iommufd",
+        "unclosed VfioDevice",
+    ]
+    assert k.fdt.files == {}
+
+
+def test_closed_or_failed_opens_do_not_warn(t: ModelTransport) -> None:
+    gc.collect()  # whatever earlier tests dropped
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Iommufd(t):
+            pass
+        with pytest.raises(VfioError):
+            VfioDevice(t, "/dev/vfio/devices/vfio99")  # open fails: nothing to close
+        gc.collect()
+    assert [w for w in caught if w.category is ResourceWarning] == []
 
 
 def test_dma_logging_errors_stay_in_the_hierarchy(k: ModelKernel, t: ModelTransport) -> None:

@@ -62,6 +62,7 @@ class Type1Info:
 class Container(Resource):
     """An open /dev/vfio/vfio; a context manager that closes it."""
 
+    _owns_fd = True
 
     def __init__(self, transport: Transport, path: str = VFIO_CONTAINER_PATH) -> None:
         self.transport = transport
@@ -203,6 +204,7 @@ class Container(Resource):
 class Group(Resource):
     """An open /dev/vfio/N; a context manager that closes it."""
 
+    _owns_fd = True
 
     def __init__(self, transport: Transport, path: str) -> None:
         self.transport = transport

@@ -156,6 +156,7 @@ class VfioDevice(Resource):
     built with ``fd=`` (see :meth:`vfiomig.host.container.Group.get_device`).
     """
 
+    _owns_fd = True
 
     def __init__(self, transport: Transport, path: str, *, fd: int | None = None) -> None:
         self.transport = transport

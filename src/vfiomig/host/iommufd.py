@@ -96,6 +96,7 @@ class Iommufd(Resource):
     handles refuse use from then on (ClosedError).
     """
 
+    _owns_fd = True
 
     def __init__(self, transport: Transport, path: str = IOMMUFD_PATH) -> None:
         self.transport = transport

@@ -40,8 +40,10 @@ class PrecopyInfo:
 
 
 class MigrationFile(Resource):
-    """A migration data fd; a context manager that closes it."""
+    """A migration data fd; a context manager that closes it (and, if dropped open, its
+    finalizer does, with a ResourceWarning)."""
 
+    _owns_fd = True
 
     def __init__(self, transport: Transport, fd: int, *, saving: bool) -> None:
         self.transport = transport

@@ -9,10 +9,13 @@
   closing fails too, that failure is added to the block's exception as a note.
 * A handle used after close refuses with :class:`ClosedError` naming the operation, before
   any syscall: the number it held may already name a new object.
+* An fd resource dropped while still open is closed by its finalizer, with a
+  ``ResourceWarning``, as Python's own file objects do.
 """
 
 from __future__ import annotations
 
+import warnings
 from errno import EBADF
 from types import TracebackType
 from typing import Self
@@ -28,6 +31,8 @@ class Resource:
     _retry_release: bool = False
     # errno of the ClosedError a closed handle answers with.
     _closed_errno: int = EBADF
+    # Owns an fd (in the attribute `fd`): a finalizer closes it with a ResourceWarning.
+    _owns_fd: bool = False
 
     def _release(self) -> None:
         """Give the kernel object back (close the fd, destroy the object, unmap)."""
@@ -63,3 +68,15 @@ class Resource:
             self.close()
         except Exception as close_error:  # the block's own exception goes on, not this one
             exc.add_note(f"closing {self!r} on the way out failed too: {close_error}")
+
+    def __del__(self) -> None:
+        if self.closed or not self._owns_fd or getattr(self, "fd", None) is None:
+            return
+        try:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=2)
+        except Exception:  # warnings turned into errors, or interpreter shutdown
+            pass
+        try:
+            self.close()
+        except Exception:
+            pass
