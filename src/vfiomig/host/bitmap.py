@@ -10,8 +10,10 @@ of ``pages()`` / ``ranges()`` grows with the dirty words, not with the range.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -82,6 +84,14 @@ def _check_geometry(iova: int, length: int, page_size: int) -> None:
         raise ValueError(f"DirtyBitmap iova and length must be >= 0, got {iova}, {length}")
 
 
+def _zeros(n: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
+    """np.zeros, with a range too large to hold refused as ValueError (not MemoryError)."""
+    try:
+        return np.zeros(n, dtype=dtype)
+    except (MemoryError, ValueError, OverflowError):
+        raise ValueError(f"a bitmap of {n} {np.dtype(dtype).name} is too large to hold") from None
+
+
 @dataclass(frozen=True)
 class DirtyBitmap:
     """Dirty pages of ``[iova, iova + length)`` at ``page_size`` granularity."""
@@ -101,7 +111,7 @@ class DirtyBitmap:
         _check_geometry(iova, length, page_size)
         npages = -(-length // page_size)
         nwords = -(-npages // 64)
-        w = np.zeros(nwords, dtype=np.uint64)
+        w = _zeros(nwords, np.uint64)
         n = min(nwords, len(words))
         w[:n] = words[:n]
         tail = npages % 64
@@ -119,7 +129,7 @@ class DirtyBitmap:
         idx = np.asarray(pages, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= npages):
             raise ValueError("page index outside the range")
-        bits = np.zeros(-(-npages // 64) * 64, dtype=np.uint8)
+        bits = _zeros(-(-npages // 64) * 64, np.uint8)
         bits[idx] = 1
         words = np.packbits(bits, bitorder="little").view("<u8").astype(np.uint64)
         return cls(iova, length, page_size, words)
@@ -151,6 +161,7 @@ class DirtyBitmap:
         return np.uint64(self.iova) + self.pages().astype(np.uint64) * np.uint64(self.page_size)
 
     def is_dirty(self, iova: int) -> bool:
+        iova = operator.index(iova)  # TypeError for a float or a string
         if not self.iova <= iova < self.iova + self.npages * self.page_size:
             raise ValueError(f"IOVA {iova:#x} outside the bitmap's range")
         k = (iova - self.iova) // self.page_size
@@ -177,6 +188,8 @@ class DirtyBitmap:
         return self.count() * self.page_size
 
     def __or__(self, other: DirtyBitmap) -> DirtyBitmap:
+        if not isinstance(other, DirtyBitmap):
+            return NotImplemented
         if (self.iova, self.length, self.page_size) != (other.iova, other.length, other.page_size):
             raise ValueError("can only merge bitmaps of the same range and page size")
         return DirtyBitmap(self.iova, self.length, self.page_size, self.words | other.words)

@@ -226,6 +226,8 @@ class Group(Resource):
 
     def set_container(self, container: Container) -> None:
         # The argument is a pointer to an int holding the container fd.
+        if not isinstance(container, Container):
+            raise TypeError(f"VFIO_GROUP_SET_CONTAINER: a Container, not {container!r}")
         container._check_open("VFIO_GROUP_SET_CONTAINER")  # its fd may be another file now
         fd = bytearray(struct.pack("=i", container.fd))
         self.ioctl(v.VFIO_GROUP_SET_CONTAINER, fd, "VFIO_GROUP_SET_CONTAINER")

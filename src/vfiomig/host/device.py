@@ -182,6 +182,9 @@ class VfioDevice(Resource):
     ) -> bytearray:
         """One VFIO_DEVICE_FEATURE ioctl; returns the (mutated) argument buffer."""
         flags = fill(v.vfio_device_feature, "VFIO_DEVICE_FEATURE", flags=flags).flags
+        if isinstance(payload, int):  # room for the answer: argsz (a __u32) must cover it
+            room = U32_MAX - ctypes.sizeof(v.vfio_device_feature)
+            payload = check_int("VFIO_DEVICE_FEATURE", "argsz", payload, 0, room, "__u32")
         buf = v.feature_buffer(flags, payload)
         op = feature_op(flags) + (f" {what}" if what else "")
         self.ioctl(v.VFIO_DEVICE_FEATURE, buf, op, cls)
@@ -205,6 +208,8 @@ class VfioDevice(Resource):
         """VFIO_DEVICE_BIND_IOMMUFD; returns the device's iommufd object id."""
         op = "VFIO_DEVICE_BIND_IOMMUFD"
         self._check_open(op)
+        if not isinstance(iommufd, Iommufd):
+            raise TypeError(f"{op}: an Iommufd, not {iommufd!r}")
         iommufd._check_open(op)  # its fd number may belong to another file now
         bind = v.vfio_device_bind_iommufd(
             argsz=ctypes.sizeof(v.vfio_device_bind_iommufd), flags=0, iommufd=iommufd.fd

@@ -173,7 +173,7 @@ class Iommufd(Resource):
 
     def mmap(self, length: int, *, backed: bool = True) -> UserBuffer:
         """User memory on the same transport (to map into an IOAS)."""
-        return self.transport.mmap(length, backed=backed)
+        return call(VfioError, f"mmap({length!r})", self.transport.mmap, length, backed=backed)
 
     # -- lifetime -----------------------------------------------------------------------
 

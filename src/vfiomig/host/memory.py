@@ -19,6 +19,7 @@ from errno import EFAULT
 import numpy as np
 import numpy.typing as npt
 
+from vfiomig.host.errors import VfioError, call
 from vfiomig.host.resource import Resource
 
 PAGE_SIZE = 4096
@@ -120,7 +121,8 @@ class Scratch:
         if buf is None or buf.closed or buf.length < n:
             if buf is not None:
                 buf.close()
-            buf = self._mmap(_round_up(n, PAGE_SIZE))
+            size = _round_up(n, PAGE_SIZE)
+            buf = call(VfioError, f"mmap({size:#x})", self._mmap, size)
             self._bufs[name] = buf
         elif zero:
             buf.zero()

@@ -119,7 +119,7 @@ class MigrationFile(Resource):
 
     def write_all(self, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data``, continuing after short writes."""
-        view = memoryview(bytes(data) if not isinstance(data, bytes | bytearray) else data)
+        view = memoryview(data).cast("B")  # bytes-like only (TypeError otherwise)
         while view:
             n = self.write(view)
             if n <= 0:
