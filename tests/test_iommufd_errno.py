@@ -803,3 +803,62 @@ def test_cmd_length(req: int) -> None:
     rc = w.e(req, exact)
     buf[full] = 0
     assert w.e(req, buf) == rc
+
+
+# IOMMU_IOAS_MAP's checks in the kernel's order, each case breaking every later rule too so
+# that only the order decides: drivers/iommu/iommufd/ioas.c iommufd_ioas_map (flags and
+# __reserved: EOPNOTSUPP; iova or length >= ULONG_MAX: EOVERFLOW; neither READABLE nor
+# WRITEABLE: EINVAL; then iommufd_get_ioas: ENOENT), then pages.c iopt_alloc_user_pages
+# (user_va + length wraps: EOVERFLOW; then iopt_alloc_pages: length 0 or above
+# SIZE_MAX - PAGE_SIZE: EINVAL), then io_pagetable.c iopt_alloc_area_pages (length not a
+# multiple of iova_alignment: EINVAL) and iopt_check_iova (fixed IOVA misaligned: EINVAL;
+# over an existing area: EEXIST).
+MAP_ORDER = [
+    (
+        "unknown flag before EOVERFLOW, no access, bad ioas",
+        {"flags": FIXED | 8, "iova": ULONG_MAX, "length": ULONG_MAX, "ioas_id": 0},
+        E.EOPNOTSUPP,
+    ),
+    ("__reserved before EOVERFLOW", {"__reserved": 1, "iova": ULONG_MAX}, E.EOPNOTSUPP),
+    (
+        "iova >= ULONG_MAX before no access, bad ioas, length 0",
+        {"flags": FIXED, "iova": ULONG_MAX, "length": 0, "ioas_id": 0},
+        E.EOVERFLOW,
+    ),
+    (
+        "length >= ULONG_MAX before no access",
+        {"flags": FIXED, "length": ULONG_MAX, "ioas_id": 0},
+        E.EOVERFLOW,
+    ),
+    ("no access before bad ioas, length 0", {"flags": FIXED, "ioas_id": 0, "length": 0}, E.EINVAL),
+    ("bad ioas before length 0 (iopt)", {"ioas_id": 0, "length": 0}, E.ENOENT),
+    (
+        "bad ioas before user_va + length wrapping (iopt)",
+        {"ioas_id": 0, "user_va": ULONG_MAX - K4 + 1, "length": 2 * K4},
+        E.ENOENT,
+    ),
+    (
+        "user_va + length wraps before length > SIZE_MAX - PAGE_SIZE",
+        {"user_va": 2 * K4, "length": ULONG_MAX - K4 + 1},
+        E.EOVERFLOW,
+    ),
+    (
+        "length > SIZE_MAX - PAGE_SIZE, no wrap: EINVAL before the fixed IOVA's EEXIST",
+        {"user_va": 0, "length": ULONG_MAX - K4 + 1, "iova": BASE},
+        E.EINVAL,
+    ),
+    (
+        "misaligned length before the fixed IOVA's EEXIST",
+        {"length": K4 + 512, "iova": BASE},
+        E.EINVAL,
+    ),
+    ("misaligned fixed IOVA before EEXIST", {"iova": BASE + 512}, E.EINVAL),
+    ("then a fixed IOVA over an area", {"iova": BASE + K4}, E.EEXIST),
+]
+
+
+@pytest.mark.parametrize("name,fields,expected", MAP_ORDER, ids=[c[0] for c in MAP_ORDER])
+def test_ioas_map_checks_in_kernel_order(
+    name: str, fields: dict[str, int], expected: int
+) -> None:
+    assert World().map(**fields) == expected

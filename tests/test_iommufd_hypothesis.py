@@ -29,7 +29,7 @@ from vfiomig.uapi import iommufd as u
 
 VENDORS = ["smmuv3", "vtd", "amd"]
 
-GRANULES = [1024, 2048, K4, 2 * K4, 4 * K4, 16 * K4, M2]
+GRANULES = [1, 512, 1024, 2048, K4, 2 * K4, 4 * K4, 16 * K4, M2]
 
 
 def leaves_of(dom: object, start: int, end: int) -> list[tuple[int, int]]:

@@ -309,6 +309,25 @@ def test_get_hw_info_buffers() -> None:
         assert mem[:size].tobytes() != exact.tobytes()  # the dirty capability bit differs
 
 
+def test_hw_info_writes_every_out_field() -> None:
+    """iommufd_get_hw_info (drivers/iommu/iommufd/device.c) writes data_len, out_data_type,
+    out_capabilities and out_max_pasid_log2 on every success: 0 for a device without PASID,
+    whatever the caller left there. The model's devices have no PASID capability."""
+    f = Iommufd()
+    d = f.dev()
+    c = sized(
+        u.iommu_hw_info,
+        dev_id=d.devid,
+        out_data_type=0xDEAD,
+        out_max_pasid_log2=0x55,
+        out_capabilities=U64_MAX,
+    )
+    f.ioctl(u.IOMMU_GET_HW_INFO, c)
+    assert c.out_max_pasid_log2 == 0
+    assert c.out_capabilities == u.IOMMU_HW_CAP_DIRTY_TRACKING
+    assert c.out_data_type == u.IOMMU_HW_INFO_TYPE_ARM_SMMUV3
+
+
 def test_hw_info_of_an_access_is_enoent() -> None:
     f = Iommufd()
     m = f.dev("mtty")

@@ -11,6 +11,7 @@ import errno
 import os
 import struct
 
+import numpy as np
 import pytest
 from conftest import GET, SET, Dev, errno_of, precopy, resuming
 
@@ -301,6 +302,46 @@ def test_header_check_on_the_crossing_write(
     assert k.write(dfd, bad[30:]) == len(bad) - 30
     assert errno_of(k.write, dfd, b"x") == errno.ENOMEM
     assert dst.set_state(STOP) == -1  # mtty_load_state checks only the size
+
+
+def _resume(k: ModelKernel, stream: bytes, nports: int) -> Dev:
+    dst = mtty(k, nports)
+    dfd = resuming(dst)
+    assert k.write(dfd, stream) == len(stream)
+    assert dst.set_state(STOP) == -1
+    dst.set_state(RUNNING)
+    return dst
+
+
+def test_resume_accepts_ring_positions_outside_the_fifo(k: ModelKernel, nports: int) -> None:
+    # mtty_resume_write checks the header only, mtty_load_state only the size: ring
+    # positions outside fifo[16] load as they are. mtty.c then indexes fifo[head] unmasked
+    # (an out-of-bounds access in the kernel); the model must not crash on state it took.
+    stream, _ = saved_stream(k, nports)
+    port = bytearray(stream[24:60])
+    port[24:27] = bytes([200, 100, 3])  # head, tail, count
+    bad = stream[:24] + bytes(port) + stream[60:]
+    dst = _resume(k, bad, nports)
+    p = dst.hw.ports[0]
+    assert (p.rxtx.head, p.rxtx.tail, p.rxtx.count) == (200, 100, 3)  # loaded as sent
+    dst.hw.send(0, b"xyz")
+    assert dst.hw.recv(0, 100) != b""  # head != tail: the port reports data, and reads
+    assert p.rxtx.head < 16 and p.rxtx.tail < 16  # CIRCULAR_BUF_INC_IDX masks once used
+    assert any("outside" in w for w in dst.vdev.warnings)  # the model says what mtty did
+
+
+def test_resume_of_arbitrary_port_bytes_never_crashes_the_uart(k: ModelKernel) -> None:
+    stream, _ = saved_stream(k, 2)
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        ports = rng.integers(0, 256, 72, dtype=np.uint8).tobytes()
+        hw = _resume(k, stream[:24] + ports, 2).hw
+        for i in range(2):
+            for off in range(8):
+                hw.bar_write(i, off, int(rng.integers(0, 256)))
+                hw.bar_read(i, off)
+            hw.send(i, bytes(range(20)))
+            hw.recv(i, 40)
 
 
 def test_resume_stop_with_a_short_stream_is_einval(k: ModelKernel, nports: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import tracemalloc
 from collections.abc import Callable
 from errno import E2BIG, EBADF, EBUSY, EFAULT, EINVAL, EMFILE, ENODEV, ENOTTY, EOPNOTSUPP, EOVERFLOW
 from typing import Any
@@ -289,6 +290,20 @@ def test_logging_start_validation(
     assert start(d, ranges, page_size, num)[0] == want
 
 
+def test_logging_start_takes_exactly_log_max_ranges(make_dev: Callable[..., Dev]) -> None:
+    """LOG_MAX_RANGES = PAGE_SIZE / sizeof(struct vfio_device_feature_dma_logging_range)
+    = 256 (vfio_ioctl_device_feature_logging_start: `nnodes > LOG_MAX_RANGES` is E2BIG):
+    256 ranges are accepted, 257 are not, and the 257th is never read."""
+    ranges = [(2 * i * 4096, 4096) for i in range(257)]
+    d = make_dev()
+    assert start(d, ranges[:256]) == (0, 4096)
+    d.hw.on_dma_write(2 * 255 * 4096, 8)  # the last range is tracked
+    assert bits_of(report(d, 0, 2 * 256 * 4096)[1]) == [510]
+    e = make_dev()
+    assert start(e, ranges)[0] == E2BIG
+    assert start(e, [], num=257, ptr=Ranges(e.k, ranges[:256]).addr)[0] == E2BIG
+
+
 def test_logging_start_first_offending_range_decides(ref: Dev) -> None:
     # range 1 overlaps (EINVAL) before range 2 would fault (EFAULT)
     r = Ranges(ref.k, [(0, MB), (MB // 2, MB)])
@@ -325,6 +340,33 @@ def test_logging_address_space_limits(make_dev: Callable[..., Dev]) -> None:
     d = make_dev(log_addr_space=(20, 30))
     assert start(d, [(0, 4096)])[0] == EOPNOTSUPP  # 4 KiB < 2^20
     assert start(d, [(0, 2 * MB)])[0] == 0
+
+
+@pytest.mark.parametrize(
+    "length,addr_space", [(1 << 52, (12, 52)), (1 << 63, (0, 64))], ids=["2^52", "2^63"]
+)
+def test_logging_start_of_a_huge_range_costs_bounded_memory(
+    make_dev: Callable[..., Dev], length: int, addr_space: tuple[int, int]
+) -> None:
+    """mlx5 hands the ranges to the device's page tracker; the kernel allocates nothing per
+    page of them. The model's log holds state only where the device wrote."""
+    d = make_dev(log_addr_space=addr_space)
+    far = length // 2 + 5 * 4096
+    tracemalloc.start()
+    try:
+        assert start(d, [(0, length)]) == (0, 4096)
+        d.hw.on_dma_write(0x3000, 8)
+        d.hw.on_dma_write(far, 8)
+        assert bits_of(report(d, far - 5 * 4096, MB)[1]) == [5]
+        assert bits_of(report(d, 0, MB)[1]) == [3]
+        d.hw.on_dma_write(far, 8)  # a bitmap of one page over all of it: EFAULT after
+        e, raw = report(d, 0, length)  # the part it covers was reported (and cleared)
+        assert e == EFAULT and bits_of(raw) == []
+        assert bits_of(report(d, far, 4096)[1]) == [0]  # still logged: past that part
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * MB
 
 
 # ----------------------------------------------------------------- DMA logging REPORT (§3.3)

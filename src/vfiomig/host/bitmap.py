@@ -10,8 +10,10 @@ of ``pages()`` / ``ranges()`` grows with the dirty words, not with the range.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -24,11 +26,38 @@ import numpy.typing as npt
 MAX_BITMAP_BYTES = 256 << 20
 
 
-def bitmap_bytes(length: int, page_size: int) -> int:
-    """Bytes of whole u64 words covering ``length`` bytes of IOVA at ``page_size``."""
+U64_MAX = (1 << 64) - 1
+
+
+def granule(page_size: int) -> int:
+    """The IOVA one bit stands for: ``1 << __ffs(page_size)``. The kernel shifts by the
+    lowest set bit (iova_bitmap_alloc, type1's pgshift), so a page size that is not a power
+    of two acts through that bit; 3 means one byte per bit, not three."""
     if page_size <= 0:
         raise ValueError(f"page_size must be positive, got {page_size}")
-    pages = -(-length // page_size)
+    return page_size & -page_size
+
+
+def iova_bitmap_bytes(length: int, page_size: int) -> int:
+    """Bytes of user bitmap iova_bitmap may write for ``length`` bytes of IOVA (iommufd's
+    GET_DIRTY_BITMAP and VFIO's DMA_LOGGING_REPORT): iova_bitmap_alloc's
+    mapped_total_index, the u64 words up to the bit of ``length - 1`` (u64 arithmetic: a
+    length of 0 is the whole 2^64 span) at ``__ffs(page_size)``."""
+    pgshift = granule(page_size).bit_length() - 1
+    return ((((length - 1) & U64_MAX) >> pgshift) // 64 + 1) * 8
+
+
+def type1_bitmap_bytes(size: int, pgsize: int) -> int:
+    """Bytes type1 requires of a dirty bitmap (vfio_iommu_type1.c verify_bitmap_size):
+    DIRTY_BITMAP_BYTES(size >> __ffs(pgsize)), whole u64 words; at least one word."""
+    pages = size >> (granule(pgsize).bit_length() - 1)
+    return max(1, -(-pages // 64)) * 8
+
+
+def bitmap_bytes(length: int, page_size: int) -> int:
+    """Bytes of whole u64 words covering ``length`` bytes of IOVA, one bit per
+    ``granule(page_size)`` (what :class:`DirtyBitmap` holds)."""
+    pages = -(-length // granule(page_size))
     return max(1, -(-pages // 64)) * 8
 
 
@@ -45,6 +74,24 @@ def check_bitmap_size(nbytes: int, length: int, page_size: int, *, rejected: boo
         )
 
 
+def _check_geometry(iova: int, length: int, page_size: int) -> None:
+    for name, value in (("iova", iova), ("length", length), ("page_size", page_size)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"DirtyBitmap {name} must be an integer, got {type(value).__name__}")
+    if page_size <= 0:
+        raise ValueError(f"DirtyBitmap page_size must be positive, got {page_size}")
+    if length < 0 or iova < 0:
+        raise ValueError(f"DirtyBitmap iova and length must be >= 0, got {iova}, {length}")
+
+
+def _zeros(n: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
+    """np.zeros, with a range too large to hold refused as ValueError (not MemoryError)."""
+    try:
+        return np.zeros(n, dtype=dtype)
+    except (MemoryError, ValueError, OverflowError):
+        raise ValueError(f"a bitmap of {n} {np.dtype(dtype).name} is too large to hold") from None
+
+
 @dataclass(frozen=True)
 class DirtyBitmap:
     """Dirty pages of ``[iova, iova + length)`` at ``page_size`` granularity."""
@@ -59,10 +106,12 @@ class DirtyBitmap:
         cls, iova: int, length: int, page_size: int, words: npt.NDArray[np.uint64]
     ) -> DirtyBitmap:
         """Keep exactly the bits of the range; bits past its last page are dropped (a huge
-        IOPTE may make the kernel set bits beyond the requested length)."""
+        IOPTE may make the kernel set bits beyond the requested length). ``page_size`` is
+        what one bit stands for (a positive int); ValueError otherwise."""
+        _check_geometry(iova, length, page_size)
         npages = -(-length // page_size)
         nwords = -(-npages // 64)
-        w = np.zeros(nwords, dtype=np.uint64)
+        w = _zeros(nwords, np.uint64)
         n = min(nwords, len(words))
         w[:n] = words[:n]
         tail = npages % 64
@@ -75,11 +124,12 @@ class DirtyBitmap:
         cls, iova: int, length: int, page_size: int, pages: npt.ArrayLike
     ) -> DirtyBitmap:
         """A bitmap with the given page indexes set (for tests and expectations)."""
+        _check_geometry(iova, length, page_size)
         npages = -(-length // page_size)
         idx = np.asarray(pages, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= npages):
             raise ValueError("page index outside the range")
-        bits = np.zeros(-(-npages // 64) * 64, dtype=np.uint8)
+        bits = _zeros(-(-npages // 64) * 64, np.uint8)
         bits[idx] = 1
         words = np.packbits(bits, bitorder="little").view("<u8").astype(np.uint64)
         return cls(iova, length, page_size, words)
@@ -111,6 +161,7 @@ class DirtyBitmap:
         return np.uint64(self.iova) + self.pages().astype(np.uint64) * np.uint64(self.page_size)
 
     def is_dirty(self, iova: int) -> bool:
+        iova = operator.index(iova)  # TypeError for a float or a string
         if not self.iova <= iova < self.iova + self.npages * self.page_size:
             raise ValueError(f"IOVA {iova:#x} outside the bitmap's range")
         k = (iova - self.iova) // self.page_size
@@ -137,6 +188,8 @@ class DirtyBitmap:
         return self.count() * self.page_size
 
     def __or__(self, other: DirtyBitmap) -> DirtyBitmap:
+        if not isinstance(other, DirtyBitmap):
+            return NotImplemented
         if (self.iova, self.length, self.page_size) != (other.iova, other.length, other.page_size):
             raise ValueError("can only merge bitmaps of the same range and page size")
         return DirtyBitmap(self.iova, self.length, self.page_size, self.words | other.words)

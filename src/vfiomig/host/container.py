@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from errno import E2BIG
 from typing import Any
 
-from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes
+from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, granule, type1_bitmap_bytes
+from vfiomig.host.cstruct import fill, ulong_arg
 from vfiomig.host.device import VfioDevice
 from vfiomig.host.errors import ContainerError, GroupError, OpenError, VfioError, call
 from vfiomig.host.memory import Scratch, UserBuffer, user_range
@@ -61,6 +62,8 @@ class Type1Info:
 class Container(Resource):
     """An open /dev/vfio/vfio; a context manager that closes it."""
 
+    _owns_fd = True
+
     def __init__(self, transport: Transport, path: str = VFIO_CONTAINER_PATH) -> None:
         self.transport = transport
         self.path = path
@@ -68,18 +71,19 @@ class Container(Resource):
         self.scratch = Scratch(transport.mmap)
 
     def ioctl(self, request: int, arg: Any, op: str, cls: type[VfioError] = ContainerError) -> int:
-        if self.closed:
-            raise ValueError("container is closed")
+        self._check_open(op)
         return call(cls, op, self.transport.ioctl, self.fd, request, arg)
 
     def api_version(self) -> int:
         return self.ioctl(v.VFIO_GET_API_VERSION, 0, "VFIO_GET_API_VERSION")
 
     def check_extension(self, extension: int) -> int:
+        extension = ulong_arg("VFIO_CHECK_EXTENSION", "extension", extension)
         return self.ioctl(v.VFIO_CHECK_EXTENSION, extension, f"VFIO_CHECK_EXTENSION({extension})")
 
     def set_iommu(self, iommu_type: int = v.VFIO_TYPE1v2_IOMMU) -> None:
         """VFIO_SET_IOMMU (needs a group set on the container first)."""
+        iommu_type = ulong_arg("VFIO_SET_IOMMU", "iommu_type", iommu_type)
         self.ioctl(v.VFIO_SET_IOMMU, iommu_type, f"VFIO_SET_IOMMU({iommu_type})")
 
     def iommu_info(self) -> Type1Info:
@@ -107,21 +111,26 @@ class Container(Resource):
         readable: bool = True,
         writeable: bool = True,
     ) -> None:
-        vaddr, size = user_range(user, size, "size")
+        op = "VFIO_IOMMU_MAP_DMA"
+        self._check_open(op)
+        vaddr, size = user_range(user, size, "size", op)
         flags = (v.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (
             v.VFIO_DMA_MAP_FLAG_WRITE if writeable else 0
         )
-        m = v.vfio_iommu_type1_dma_map(
+        m = fill(
+            v.vfio_iommu_type1_dma_map,
+            op,
             argsz=ctypes.sizeof(v.vfio_iommu_type1_dma_map),
             flags=flags,
             vaddr=vaddr,
             iova=iova,
             size=size,
         )
-        self.ioctl(v.VFIO_IOMMU_MAP_DMA, m, f"VFIO_IOMMU_MAP_DMA({iova:#x}, {size:#x})")
+        self.ioctl(v.VFIO_IOMMU_MAP_DMA, m, f"{op}({m.iova:#x}, {m.size:#x})")
 
     def unmap_dma(self, iova: int, size: int) -> int:
         """VFIO_IOMMU_UNMAP_DMA; returns bytes unmapped (0 for an empty range: success)."""
+        fill(v.vfio_iommu_type1_dma_unmap, "VFIO_IOMMU_UNMAP_DMA", iova=iova, size=size)
         buf = v.unmap_dma_buffer(iova, size)
         self.ioctl(v.VFIO_IOMMU_UNMAP_DMA, buf, f"VFIO_IOMMU_UNMAP_DMA({iova:#x}, {size:#x})")
         return int(v.vfio_iommu_type1_dma_unmap.from_buffer(buf).size)
@@ -133,27 +142,33 @@ class Container(Resource):
 
     def unmap_dma_dirty(self, iova: int, size: int, pgsize: int) -> tuple[int, DirtyBitmap]:
         """VFIO_IOMMU_UNMAP_DMA with GET_DIRTY_BITMAP: report, then unmap."""
-        bm, read = self._user_bitmap("unmap_bitmap", iova, size, pgsize)
+        op = "VFIO_IOMMU_UNMAP_DMA(GET_DIRTY_BITMAP)"
+        fill(v.vfio_iommu_type1_dma_unmap, op, iova=iova, size=size)
+        bm, read = self._user_bitmap("unmap_bitmap", iova, size, pgsize, op)
         buf = v.unmap_dma_buffer(iova, size, v.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, bm)
         op = f"VFIO_IOMMU_UNMAP_DMA({iova:#x}, {size:#x}, GET_DIRTY_BITMAP)"
         self.ioctl(v.VFIO_IOMMU_UNMAP_DMA, buf, op)
         return int(v.vfio_iommu_type1_dma_unmap.from_buffer(buf).size), read()
 
     def _user_bitmap(
-        self, name: str, iova: int, size: int, pgsize: int
+        self, name: str, iova: int, size: int, pgsize: int, op: str
     ) -> tuple[v.vfio_bitmap, Callable[[], DirtyBitmap]]:
         """A struct vfio_bitmap over scratch user memory (``uapi.vfio.alloc_bitmap`` would put
         it in this process's heap, which the model kernel cannot reach), and a function that
-        reads what the kernel wrote there. type1 itself refuses a bitmap over
-        MAX_BITMAP_BYTES (EINVAL) before writing it."""
-        nbytes = bitmap_bytes(size, pgsize)
+        reads what the kernel wrote there. Its size is what type1 requires and writes
+        (verify_bitmap_size: size >> __ffs(pgsize) bits in u64 words); type1 itself refuses
+        a bitmap over MAX_BITMAP_BYTES (EINVAL) before writing it, so no more is mapped."""
+        self._check_open(op)
+        bm = fill(v.vfio_bitmap, op, pgsize=pgsize, size=0)
+        pgsize = int(bm.pgsize)
+        nbytes = type1_bitmap_bytes(size, pgsize) if pgsize else 8  # __ffs(0): EINVAL
+        bm.size = nbytes
         mem = self.scratch.get(name, min(nbytes, MAX_BITMAP_BYTES))
-        bm = v.vfio_bitmap(pgsize=pgsize, size=nbytes)
         bm.data = ctypes.cast(mem.addr, ctypes.POINTER(ctypes.c_uint64))
 
         def read() -> DirtyBitmap:
             words = mem.words(min(nbytes, MAX_BITMAP_BYTES))
-            return DirtyBitmap.from_words(iova, size, pgsize, words)
+            return DirtyBitmap.from_words(iova, size, granule(pgsize), words)
 
         return bm, read
 
@@ -170,9 +185,11 @@ class Container(Resource):
 
     def dirty_pages_bitmap(self, iova: int, size: int, pgsize: int) -> DirtyBitmap:
         """VFIO_IOMMU_DIRTY_PAGES GET_BITMAP (pgsize must be the container's minimum)."""
-        bm, read = self._user_bitmap("dirty_bitmap", iova, size, pgsize)
-        get = v.vfio_iommu_type1_dirty_bitmap_get(iova=iova, size=size, bitmap=bm)
-        op = f"VFIO_IOMMU_DIRTY_PAGES(GET_BITMAP, {iova:#x}, {size:#x}, {pgsize:#x})"
+        op = "VFIO_IOMMU_DIRTY_PAGES(GET_BITMAP)"
+        get = fill(v.vfio_iommu_type1_dirty_bitmap_get, op, iova=iova, size=size)
+        bm, read = self._user_bitmap("dirty_bitmap", iova, size, pgsize, op)
+        get.bitmap = bm
+        op = f"VFIO_IOMMU_DIRTY_PAGES(GET_BITMAP, {iova:#x}, {size:#x}, {bm.pgsize:#x})"
         self._dirty_pages(v.VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP, op, get)
         return read()
 
@@ -180,9 +197,14 @@ class Container(Resource):
         self.scratch.close()
         call(ContainerError, "close(container)", self.transport.close, self.fd)
 
+    def __repr__(self) -> str:
+        return f"Container({self.path!r}, fd={self.fd}{', closed' if self.closed else ''})"
+
 
 class Group(Resource):
     """An open /dev/vfio/N; a context manager that closes it."""
+
+    _owns_fd = True
 
     def __init__(self, transport: Transport, path: str) -> None:
         self.transport = transport
@@ -190,8 +212,7 @@ class Group(Resource):
         self.fd = call(OpenError, f"open({path})", transport.open, path, os.O_RDWR)
 
     def ioctl(self, request: int, arg: Any, op: str) -> int:
-        if self.closed:
-            raise ValueError("group is closed")
+        self._check_open(op)
         return call(GroupError, op, self.transport.ioctl, self.fd, request, arg)
 
     def status(self) -> int:
@@ -205,6 +226,9 @@ class Group(Resource):
 
     def set_container(self, container: Container) -> None:
         # The argument is a pointer to an int holding the container fd.
+        if not isinstance(container, Container):
+            raise TypeError(f"VFIO_GROUP_SET_CONTAINER: a Container, not {container!r}")
+        container._check_open("VFIO_GROUP_SET_CONTAINER")  # its fd may be another file now
         fd = bytearray(struct.pack("=i", container.fd))
         self.ioctl(v.VFIO_GROUP_SET_CONTAINER, fd, "VFIO_GROUP_SET_CONTAINER")
 
@@ -213,12 +237,17 @@ class Group(Resource):
 
     def get_device(self, name: str) -> VfioDevice:
         """VFIO_GROUP_GET_DEVICE_FD by device name (a PCI address on Linux)."""
+        if not isinstance(name, str):
+            raise TypeError(f"VFIO_GROUP_GET_DEVICE_FD: name must be a str, got {name!r}")
         arg = bytearray(name.encode() + b"\0")
         fd = self.ioctl(v.VFIO_GROUP_GET_DEVICE_FD, arg, f"VFIO_GROUP_GET_DEVICE_FD({name})")
         return VfioDevice(self.transport, f"{self.path}:{name}", fd=fd)
 
     def _release(self) -> None:
         call(GroupError, "close(group)", self.transport.close, self.fd)
+
+    def __repr__(self) -> str:
+        return f"Group({self.path!r}, fd={self.fd}{', closed' if self.closed else ''})"
 
 
 def _parse_type1_info(raw: bytes, hdr: v.vfio_iommu_type1_info) -> Type1Info:

@@ -21,12 +21,14 @@ from __future__ import annotations
 import ctypes
 import enum
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from errno import EINVAL
 from typing import Any
 
-from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes, check_bitmap_size
+from vfiomig.host.bitmap import DirtyBitmap, check_bitmap_size, iova_bitmap_bytes
+from vfiomig.host.cstruct import check_int, fill
 from vfiomig.host.errors import (
     DeviceError,
     DmaLoggingError,
@@ -42,6 +44,8 @@ from vfiomig.host.migration import MigrationFile
 from vfiomig.host.resource import Resource
 from vfiomig.host.transport import Transport
 from vfiomig.uapi import vfio as v
+
+U32_MAX = (1 << 32) - 1
 
 
 class MigrationState(enum.IntEnum):
@@ -152,6 +156,8 @@ class VfioDevice(Resource):
     built with ``fd=`` (see :meth:`vfiomig.host.container.Group.get_device`).
     """
 
+    _owns_fd = True
+
     def __init__(self, transport: Transport, path: str, *, fd: int | None = None) -> None:
         self.transport = transport
         self.path = path
@@ -163,8 +169,7 @@ class VfioDevice(Resource):
     # -- plumbing -----------------------------------------------------------------------
 
     def ioctl(self, request: int, arg: Any, op: str, cls: type[VfioError] = DeviceError) -> int:
-        if self.closed:
-            raise ValueError(f"device {self.path} is closed")
+        self._check_open(op)
         return call(cls, op, self.transport.ioctl, self.fd, request, arg)
 
     def feature(
@@ -176,6 +181,10 @@ class VfioDevice(Resource):
         what: str = "",
     ) -> bytearray:
         """One VFIO_DEVICE_FEATURE ioctl; returns the (mutated) argument buffer."""
+        flags = fill(v.vfio_device_feature, "VFIO_DEVICE_FEATURE", flags=flags).flags
+        if isinstance(payload, int):  # room for the answer: argsz (a __u32) must cover it
+            room = U32_MAX - ctypes.sizeof(v.vfio_device_feature)
+            payload = check_int("VFIO_DEVICE_FEATURE", "argsz", payload, 0, room, "__u32")
         buf = v.feature_buffer(flags, payload)
         op = feature_op(flags) + (f" {what}" if what else "")
         self.ioctl(v.VFIO_DEVICE_FEATURE, buf, op, cls)
@@ -197,22 +206,38 @@ class VfioDevice(Resource):
 
     def bind(self, iommufd: Iommufd) -> int:
         """VFIO_DEVICE_BIND_IOMMUFD; returns the device's iommufd object id."""
+        op = "VFIO_DEVICE_BIND_IOMMUFD"
+        self._check_open(op)
+        if not isinstance(iommufd, Iommufd):
+            raise TypeError(f"{op}: an Iommufd, not {iommufd!r}")
+        iommufd._check_open(op)  # its fd number may belong to another file now
         bind = v.vfio_device_bind_iommufd(
             argsz=ctypes.sizeof(v.vfio_device_bind_iommufd), flags=0, iommufd=iommufd.fd
         )
-        self.ioctl(v.VFIO_DEVICE_BIND_IOMMUFD, bind, "VFIO_DEVICE_BIND_IOMMUFD")
+        self.ioctl(v.VFIO_DEVICE_BIND_IOMMUFD, bind, op)
+        self._iommufd = weakref.ref(iommufd)  # to check handles against; not kept alive
         return int(bind.out_devid)
 
     def attach(self, pt: Ioas | Hwpt | int) -> int:
         """VFIO_DEVICE_ATTACH_IOMMUFD_PT to an IOAS (automatic domain) or a HWPT; a second
-        attach replaces the first. Returns the id of the HWPT actually attached."""
-        pt_id = pt if isinstance(pt, int) else pt.id
-        attach = v.vfio_device_attach_iommufd_pt(
-            argsz=ctypes.sizeof(v.vfio_device_attach_iommufd_pt), flags=0, pt_id=pt_id
+        attach replaces the first. Returns the id of the HWPT actually attached. A handle
+        must be live and belong to the iommufd the device was bound to."""
+        op = "VFIO_DEVICE_ATTACH_IOMMUFD_PT"
+        self._check_open(op)
+        if isinstance(pt, Ioas | Hwpt):
+            ref = getattr(self, "_iommufd", None)
+            bound = ref() if ref is not None else None
+            pt_id = (bound if bound is not None else pt.ictx)._own(pt, op)
+        else:
+            pt_id = pt
+        attach = fill(
+            v.vfio_device_attach_iommufd_pt,
+            op,
+            argsz=ctypes.sizeof(v.vfio_device_attach_iommufd_pt),
+            flags=0,
+            pt_id=pt_id,
         )
-        self.ioctl(
-            v.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach, f"VFIO_DEVICE_ATTACH_IOMMUFD_PT({pt_id})"
-        )
+        self.ioctl(v.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach, f"{op}({attach.pt_id})")
         return int(attach.pt_id)
 
     def detach(self) -> None:
@@ -263,14 +288,16 @@ class VfioDevice(Resource):
         On failure raises :class:`MigrationStateError` with ``requested`` and ``current``
         (the state a follow-up GET found; the kernel itself only echoes the request).
         """
-        target = MigrationState.parse(state) if isinstance(state, str) else int(state)
         op_flags = SET | v.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
+        if isinstance(state, str):
+            target = int(MigrationState.parse(state))
+        else:
+            target = check_int(feature_op(op_flags), "device_state", state, 0, U32_MAX, "__u32")
+        op = f"{feature_op(op_flags)} {state_name(target)}"
+        self._check_open(op)
         buf = v.feature_buffer(
             op_flags, v.vfio_device_feature_mig_state(device_state=target, data_fd=-1)
         )
-        op = f"{feature_op(op_flags)} {state_name(target)}"
-        if self.closed:
-            raise ValueError(f"device {self.path} is closed")
         try:
             self.transport.ioctl(self.fd, v.VFIO_DEVICE_FEATURE, buf)
         except OSError as e:
@@ -310,14 +337,23 @@ class VfioDevice(Resource):
         """Start the device's own dirty log over ``(iova, length)`` ranges.
 
         Returns the page size the device chose (it may round the request)."""
-        arr = (v.vfio_device_feature_dma_logging_range * len(ranges))(
-            *(v.vfio_device_feature_dma_logging_range(iova=i, length=n) for i, n in ranges)
-        )
+        op = "VFIO_DEVICE_FEATURE[DMA_LOGGING_START]"
+        self._check_open(op)
+        items = []
+        for r in ranges:
+            try:
+                i, n = r
+            except (TypeError, ValueError):
+                raise TypeError(f"{op}: each range must be an (iova, length) pair") from None
+            items.append(fill(v.vfio_device_feature_dma_logging_range, op, iova=i, length=n))
+        control = v.vfio_device_feature_dma_logging_control
+        fill(control, op, page_size=page_size, num_ranges=len(items))
+        arr = (v.vfio_device_feature_dma_logging_range * len(items))(*items)
         mem = self.scratch.get("log_ranges", ctypes.sizeof(arr))
-        if ranges:
+        if items:
             mem.write(bytes(arr))
         ctl = v.vfio_device_feature_dma_logging_control(
-            page_size=page_size, num_ranges=len(ranges), ranges=mem.addr if ranges else 0
+            page_size=page_size, num_ranges=len(items), ranges=mem.addr if items else 0
         )
         buf = self.feature(
             SET | v.VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
@@ -331,27 +367,37 @@ class VfioDevice(Resource):
         self.feature(SET | v.VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP, cls=DmaLoggingError)
 
     def dma_logging_report(self, iova: int, length: int, page_size: int = 4096) -> DirtyBitmap:
-        """Read-and-clear the device's dirty log for ``[iova, iova+length)``."""
-        nbytes = bitmap_bytes(length, page_size) if page_size > 0 else 8
+        """Read-and-clear the device's dirty log for ``[iova, iova+length)``.
+
+        The bitmap is sized as the kernel uses it (iova_bitmap_alloc: u64 words up to the
+        bit of ``length - 1``); a length of 0 asks the driver about nothing."""
+        op = "VFIO_DEVICE_FEATURE[DMA_LOGGING_REPORT]"
+        self._check_open(op)
+        rep = fill(
+            v.vfio_device_feature_dma_logging_report,
+            op,
+            iova=iova,
+            length=length,
+            page_size=page_size,
+        )
+        iova, length, page_size = int(rep.iova), int(rep.length), int(rep.page_size)
         # vfio_ioctl_device_feature_logging_report: EINVAL for a page size under 4 KiB or not
         # a power of two, EOVERFLOW when iova + length passes 2^64 - 1, both before the bitmap
         rejected = page_size < 4096 or page_size & (page_size - 1) or iova + length > U64_MAX
+        if rejected or length == 0:
+            nbytes = 8
+        else:
+            nbytes = iova_bitmap_bytes(length, page_size)
         check_bitmap_size(nbytes, length, page_size, rejected=bool(rejected))
-        mem = self.scratch.get("log_bitmap", min(nbytes, MAX_BITMAP_BYTES))
-        rep = v.vfio_device_feature_dma_logging_report(
-            iova=iova, length=length, page_size=page_size, bitmap=mem.addr
-        )
+        mem = self.scratch.get("log_bitmap", nbytes)
+        rep.bitmap = mem.addr
         self.feature(
             GET | v.VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
             rep,
             cls=DmaLoggingError,
             what=f"({iova:#x}, {length:#x}, page_size={page_size:#x})",
         )
-        if page_size <= 0:
-            return DirtyBitmap.from_words(iova, 0, 1, mem.words(8))
-        return DirtyBitmap.from_words(
-            iova, length, page_size, mem.words(min(nbytes, MAX_BITMAP_BYTES))
-        )
+        return DirtyBitmap.from_words(iova, length, page_size, mem.words(nbytes))
 
     # -- lifetime -----------------------------------------------------------------------
 

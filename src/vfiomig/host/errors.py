@@ -15,11 +15,17 @@ The subclass says which family of objects failed::
     │   │   ├── MigrationStateError   MIG_DEVICE_STATE SET/GET (knows the requested state)
     │   │   └── MigrationDataError    read / write / PRECOPY_INFO on a migration data fd
     │   └── DmaLoggingError    DMA_LOGGING_START / STOP / REPORT
-    └── ContainerError         legacy /dev/vfio/vfio container (type1)
-        └── GroupError         legacy /dev/vfio/N group
+    ├── ContainerError         legacy /dev/vfio/vfio container (type1)
+    │   └── GroupError         legacy /dev/vfio/N group
+    ├── ClosedError            a handle used after close() / destroy() (no syscall made)
+    └── ArgumentError          a value that does not fit its C field (no syscall made)
 
-Arguments the library rejects before any syscall (a negative length, an unknown state name)
-are ``ValueError``; they are the caller's bug, not the kernel's answer.
+Arguments the library rejects before any syscall are ``ValueError``: they are the caller's
+bug, not the kernel's answer. The two the library can name an operation for are both:
+``ClosedError`` and ``ArgumentError`` derive from ``VfioError`` *and* ``ValueError``, so
+``except VfioError`` sees every failure of a call and ``except ValueError`` every refusal.
+Anything else (an unknown state name, a bitmap larger than the library maps) is a plain
+``ValueError``; an argument of the wrong type is a ``TypeError``.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -52,7 +58,7 @@ class VfioError(OSError):
     def __str__(self) -> str:
         return str(self.strerror)
 
-    def __reduce__(self) -> tuple[type[VfioError], tuple[int, str, str]]:
+    def __reduce__(self) -> tuple[type[VfioError], tuple[Any, ...]]:
         return (type(self), (self.errno or 0, self.op, self.detail))
 
 
@@ -116,6 +122,25 @@ class ContainerError(VfioError):
 
 class GroupError(ContainerError):
     """A legacy VFIO group ioctl failed."""
+
+
+class ClosedError(VfioError, ValueError):
+    """An operation on a handle whose object is gone: an fd the library closed (EBADF), an
+    iommufd object destroyed or whose iommufd was closed (ENOENT), user memory unmapped
+    (EFAULT). Refused before any syscall: the number it held may name another object now."""
+
+
+class ArgumentError(VfioError, ValueError):
+    """An integer that does not fit the C field it is for (ERANGE): ctypes would silently
+    truncate it (an IOVA of 2^64 would become 0). Refused before any syscall; ``field`` is
+    the struct member's name."""
+
+    def __init__(self, op: str, field: str, detail: str) -> None:
+        super().__init__(_errno.ERANGE, op, detail)
+        self.field = field
+
+    def __reduce__(self) -> tuple[type[VfioError], tuple[Any, ...]]:
+        return (type(self), (self.op, self.field, self.detail))
 
 
 def call(cls: type[VfioError], op: str, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:

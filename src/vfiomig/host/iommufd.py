@@ -19,13 +19,28 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from errno import EMSGSIZE
+from errno import EMSGSIZE, ENOENT
 from typing import Any
 
-from vfiomig.host.bitmap import MAX_BITMAP_BYTES, DirtyBitmap, bitmap_bytes, check_bitmap_size
-from vfiomig.host.errors import HwptError, IoasError, IommufdError, OpenError, VfioError, call
+from vfiomig.host.bitmap import (
+    DirtyBitmap,
+    check_bitmap_size,
+    granule,
+    iova_bitmap_bytes,
+)
+from vfiomig.host.cstruct import fill
+from vfiomig.host.errors import (
+    ClosedError,
+    HwptError,
+    IoasError,
+    IommufdError,
+    OpenError,
+    VfioError,
+    call,
+)
 from vfiomig.host.memory import Scratch, UserBuffer, user_range
 from vfiomig.host.resource import Resource
 from vfiomig.host.transport import IOMMUFD_PATH, Transport
@@ -42,10 +57,9 @@ HW_INFO_TYPES: dict[int, str] = {
 }
 
 
-def _struct(cls: type[Any], **fields: int) -> Any:
-    s = cls(**fields)
-    s.size = ctypes.sizeof(cls)
-    return s
+def _struct(cls: type[Any], op: str, /, **fields: Any) -> Any:
+    """An iommufd command: ``size`` set, every field checked to fit (ArgumentError)."""
+    return fill(cls, op, size=ctypes.sizeof(cls), **fields)
 
 
 @dataclass(frozen=True)
@@ -78,24 +92,40 @@ class IovaRanges:
 class Iommufd(Resource):
     """An open /dev/iommu (an ``iommufd_ctx``); a context manager that closes it.
 
-    Closing destroys every object the context still holds, as the kernel does.
+    Closing destroys every object the context still holds, as the kernel does: their
+    handles refuse use from then on (ClosedError).
     """
+
+    _owns_fd = True
 
     def __init__(self, transport: Transport, path: str = IOMMUFD_PATH) -> None:
         self.transport = transport
         self.path = path
         self.fd = call(OpenError, f"open({path})", transport.open, path, os.O_RDWR)
         self.scratch = Scratch(transport.mmap)
+        # id -> the live handle for it, so that destroy(id) retires that handle too
+        self._handles: weakref.WeakValueDictionary[int, _Object] = weakref.WeakValueDictionary()
 
     def ioctl(self, request: int, arg: Any, op: str, cls: type[VfioError] = IommufdError) -> int:
-        if self.closed:
-            raise ValueError("iommufd is closed")
+        self._check_open(op)
         return call(cls, op, self.transport.ioctl, self.fd, request, arg)
+
+    def _adopt(self, obj: _Object) -> None:
+        self._handles[obj.id] = obj
+
+    def _own(self, pt: Any, op: str) -> int:
+        """The object id of ``pt``: an int as given, or a live handle of this iommufd."""
+        if isinstance(pt, _Object):
+            pt._check_open(op)
+            if pt.ictx is not self:
+                raise ValueError(f"{op}: {pt!r} belongs to another iommufd")
+            return pt.id
+        return pt
 
     # -- objects ------------------------------------------------------------------------
 
     def ioas_alloc(self) -> Ioas:
-        cmd = _struct(u.iommu_ioas_alloc)
+        cmd = _struct(u.iommu_ioas_alloc, "IOMMU_IOAS_ALLOC")
         self.ioctl(u.IOMMU_IOAS_ALLOC, cmd, "IOMMU_IOAS_ALLOC", IoasError)
         return Ioas(self, int(cmd.out_ioas_id))
 
@@ -108,22 +138,31 @@ class Iommufd(Resource):
         flags: int = 0,
     ) -> Hwpt:
         """IOMMU_HWPT_ALLOC of a paging HWPT for ``dev_id`` over the IOAS ``pt``."""
-        pt_id = pt.id if isinstance(pt, Ioas) else pt
+        pt_id = self._own(pt, "IOMMU_HWPT_ALLOC")
         if dirty_tracking:
             flags |= u.IOMMU_HWPT_ALLOC_DIRTY_TRACKING
-        cmd = _struct(u.iommu_hwpt_alloc, flags=flags, dev_id=dev_id, pt_id=pt_id)
+        cmd = _struct(
+            u.iommu_hwpt_alloc, "IOMMU_HWPT_ALLOC", flags=flags, dev_id=dev_id, pt_id=pt_id
+        )
         self.ioctl(u.IOMMU_HWPT_ALLOC, cmd, _flag_op("IOMMU_HWPT_ALLOC", flags), HwptError)
         return Hwpt(self, int(cmd.out_hwpt_id))
 
     def destroy(self, obj_id: int) -> None:
-        cmd = _struct(u.iommu_destroy, id=obj_id)
+        """IOMMU_DESTROY of an id; a handle of this iommufd for it is retired with it."""
+        cmd = _struct(u.iommu_destroy, "IOMMU_DESTROY", id=obj_id)
         self.ioctl(u.IOMMU_DESTROY, cmd, f"IOMMU_DESTROY({obj_id})")
+        handle = self._handles.pop(int(cmd.id), None)
+        if handle is not None:
+            handle.closed = True
 
     def hw_info(self, dev_id: int, data_len: int = 256) -> HwInfo:
         """IOMMU_GET_HW_INFO for a bound device (its id from ``VfioDevice.bind``)."""
+        op = "IOMMU_GET_HW_INFO"
+        self._check_open(op)
+        _struct(u.iommu_hw_info, op, dev_id=dev_id, data_len=data_len)  # before any mmap
         buf = self.scratch.get("hw_info", data_len)
-        cmd = _struct(u.iommu_hw_info, dev_id=dev_id, data_len=data_len, data_uptr=buf.addr)
-        self.ioctl(u.IOMMU_GET_HW_INFO, cmd, "IOMMU_GET_HW_INFO")
+        cmd = _struct(u.iommu_hw_info, op, dev_id=dev_id, data_len=data_len, data_uptr=buf.addr)
+        self.ioctl(u.IOMMU_GET_HW_INFO, cmd, op)
         n = min(int(cmd.data_len), data_len)
         return HwInfo(
             data_type=int(cmd.out_data_type),
@@ -134,7 +173,7 @@ class Iommufd(Resource):
 
     def mmap(self, length: int, *, backed: bool = True) -> UserBuffer:
         """User memory on the same transport (to map into an IOAS)."""
-        return self.transport.mmap(length, backed=backed)
+        return call(VfioError, f"mmap({length!r})", self.transport.mmap, length, backed=backed)
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -142,13 +181,24 @@ class Iommufd(Resource):
         self.scratch.close()
         call(IommufdError, "close(iommufd)", self.transport.close, self.fd)
 
+    def __repr__(self) -> str:
+        return f"Iommufd({self.path!r}, fd={self.fd}{', closed' if self.closed else ''})"
+
 
 class _Object(Resource):
-    """An iommufd object: an id inside one Iommufd; ``destroy()`` / context manager."""
+    """An iommufd object: an id inside one Iommufd; ``destroy()`` / context manager.
+
+    Once destroyed (or its iommufd closed) the handle refuses every operation with
+    ClosedError: the id may already name a new object. A destroy the kernel refuses (EBUSY:
+    a device or HWPT still uses it) leaves the handle usable, and can be retried."""
+
+    _retry_release = True
+    _closed_errno = ENOENT
 
     def __init__(self, ictx: Iommufd, obj_id: int) -> None:
         self.ictx = ictx
         self.id = obj_id
+        ictx._adopt(self)
 
     def destroy(self) -> None:
         """IOMMU_DESTROY; a no-op once destroyed or after the iommufd was closed."""
@@ -158,8 +208,19 @@ class _Object(Resource):
         if not self.ictx.closed:  # closing the iommufd destroyed everything already
             self.ictx.destroy(self.id)
 
+    def _check_open(self, op: str) -> None:
+        if self.closed:
+            raise ClosedError(ENOENT, op, f"{self!r} was destroyed")
+        if self.ictx.closed:
+            raise ClosedError(ENOENT, op, f"{self!r}: its iommufd is closed")
+
+    def _ioctl(self, request: int, arg: Any, op: str, cls: type[VfioError]) -> int:
+        self._check_open(op)
+        return self.ictx.ioctl(request, arg, op, cls)
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(id={self.id})"
+        gone = ", destroyed" if self.closed or self.ictx.closed else ""
+        return f"{type(self).__name__}(id={self.id}{gone})"
 
 
 class Ioas(_Object):
@@ -175,29 +236,34 @@ class Ioas(_Object):
         writeable: bool = True,
     ) -> int:
         """IOMMU_IOAS_MAP; returns the IOVA (chosen by the kernel when ``iova`` is None)."""
-        user_va, length = user_range(user, length, "length")
+        self._check_open("IOMMU_IOAS_MAP")
+        user_va, length = user_range(user, length, "length", "IOMMU_IOAS_MAP")
         cmd = _struct(
             u.iommu_ioas_map,
+            "IOMMU_IOAS_MAP",
             flags=_map_flags(readable, writeable, fixed=iova is not None),
             ioas_id=self.id,
             user_va=user_va,
             length=length,
-            iova=iova or 0,
+            iova=0 if iova is None else iova,
         )
-        where = f"iova={iova:#x}" if iova is not None else "auto"
-        self.ictx.ioctl(u.IOMMU_IOAS_MAP, cmd, f"IOMMU_IOAS_MAP({where}, {length:#x})", IoasError)
+        where = f"iova={cmd.iova:#x}" if iova is not None else "auto"
+        op = f"IOMMU_IOAS_MAP({where}, {cmd.length:#x})"
+        self._ioctl(u.IOMMU_IOAS_MAP, cmd, op, IoasError)
         return int(cmd.iova)
 
     def unmap(self, iova: int, length: int) -> int:
         """IOMMU_IOAS_UNMAP of whole areas inside ``[iova, iova+length)``; bytes unmapped."""
-        return self._unmap(iova, length, f"IOMMU_IOAS_UNMAP({iova:#x}, {length:#x})")
+        return self._unmap(iova, length, "IOMMU_IOAS_UNMAP")
 
     def unmap_all(self) -> int:
         return self._unmap(0, U64_MAX, "IOMMU_IOAS_UNMAP(all)")
 
     def _unmap(self, iova: int, length: int, op: str) -> int:
-        cmd = _struct(u.iommu_ioas_unmap, ioas_id=self.id, iova=iova, length=length)
-        self.ictx.ioctl(u.IOMMU_IOAS_UNMAP, cmd, op, IoasError)
+        cmd = _struct(u.iommu_ioas_unmap, op, ioas_id=self.id, iova=iova, length=length)
+        if op == "IOMMU_IOAS_UNMAP":
+            op = f"IOMMU_IOAS_UNMAP({cmd.iova:#x}, {cmd.length:#x})"
+        self._ioctl(u.IOMMU_IOAS_UNMAP, cmd, op, IoasError)
         return int(cmd.length)
 
     def copy(
@@ -211,34 +277,38 @@ class Ioas(_Object):
         writeable: bool = True,
     ) -> int:
         """IOMMU_IOAS_COPY of mapped pages of this IOAS into ``dst`` (default: this IOAS)."""
+        self._check_open("IOMMU_IOAS_COPY")
         cmd = _struct(
             u.iommu_ioas_copy,
+            "IOMMU_IOAS_COPY",
             flags=_map_flags(readable, writeable, fixed=dst_iova is not None),
-            dst_ioas_id=(dst if dst is not None else self).id,
+            dst_ioas_id=self.ictx._own(dst if dst is not None else self, "IOMMU_IOAS_COPY"),
             src_ioas_id=self.id,
             length=length,
-            dst_iova=dst_iova or 0,
+            dst_iova=0 if dst_iova is None else dst_iova,
             src_iova=src_iova,
         )
-        self.ictx.ioctl(
-            u.IOMMU_IOAS_COPY, cmd, f"IOMMU_IOAS_COPY({src_iova:#x}, {length:#x})", IoasError
-        )
+        op = f"IOMMU_IOAS_COPY({cmd.src_iova:#x}, {cmd.length:#x})"
+        self._ioctl(u.IOMMU_IOAS_COPY, cmd, op, IoasError)
         return int(cmd.dst_iova)
 
     def iova_ranges(self) -> IovaRanges:
         """IOMMU_IOAS_IOVA_RANGES (grows its buffer and asks again on EMSGSIZE)."""
+        op = "IOMMU_IOAS_IOVA_RANGES"
+        self._check_open(op)
         rsize = ctypes.sizeof(u.iommu_iova_range)
         capacity = 8
         for _ in range(8):
             buf = self.ictx.scratch.get("iova_ranges", capacity * rsize)
             cmd = _struct(
                 u.iommu_ioas_iova_ranges,
+                op,
                 ioas_id=self.id,
                 num_iovas=capacity,
                 allowed_iovas=buf.addr,
             )
             try:
-                self.ictx.ioctl(u.IOMMU_IOAS_IOVA_RANGES, cmd, "IOMMU_IOAS_IOVA_RANGES", IoasError)
+                self._ioctl(u.IOMMU_IOAS_IOVA_RANGES, cmd, op, IoasError)
             except IoasError as e:
                 if e.errno == EMSGSIZE and cmd.num_iovas > capacity:
                     capacity = int(cmd.num_iovas)
@@ -253,19 +323,24 @@ class Ioas(_Object):
 
     def allow_iovas(self, ranges: Sequence[tuple[int, int]]) -> None:
         """IOMMU_IOAS_ALLOW_IOVAS: restrict automatic IOVAs to these inclusive ranges."""
-        arr = (u.iommu_iova_range * len(ranges))(
-            *(u.iommu_iova_range(start=s, last=last) for s, last in ranges)
-        )
+        op = "IOMMU_IOAS_ALLOW_IOVAS"
+        self._check_open(op)
+        items = [
+            fill(u.iommu_iova_range, op, start=s, last=last) for s, last in _pairs(ranges, op)
+        ]
+        _struct(u.iommu_ioas_allow_iovas, op, num_iovas=len(items))  # before any mmap
+        arr = (u.iommu_iova_range * len(items))(*items)
         buf = self.ictx.scratch.get("allow_iovas", ctypes.sizeof(arr))
-        if ranges:
+        if items:
             buf.write(bytes(arr))
         cmd = _struct(
             u.iommu_ioas_allow_iovas,
+            op,
             ioas_id=self.id,
-            num_iovas=len(ranges),
-            allowed_iovas=buf.addr if ranges else 0,
+            num_iovas=len(items),
+            allowed_iovas=buf.addr if items else 0,
         )
-        self.ictx.ioctl(u.IOMMU_IOAS_ALLOW_IOVAS, cmd, "IOMMU_IOAS_ALLOW_IOVAS", IoasError)
+        self._ioctl(u.IOMMU_IOAS_ALLOW_IOVAS, cmd, op, IoasError)
 
     def set_huge_pages(self, enable: bool) -> None:
         """IOMMU_OPTION HUGE_PAGES: off forces 4 KiB IOPTEs (4 KiB dirty granularity)."""
@@ -275,14 +350,16 @@ class Ioas(_Object):
         return bool(self._huge_pages_option(u.IOMMU_OPTION_OP_GET, "GET"))
 
     def _huge_pages_option(self, op: int, name: str, val64: int = 0) -> int:
+        what = f"IOMMU_OPTION(HUGE_PAGES, {name})"
         cmd = _struct(
             u.iommu_option,
+            what,
             option_id=u.IOMMU_OPTION_HUGE_PAGES,
             op=op,
             object_id=self.id,
             val64=val64,
         )
-        self.ictx.ioctl(u.IOMMU_OPTION, cmd, f"IOMMU_OPTION(HUGE_PAGES, {name})", IoasError)
+        self._ioctl(u.IOMMU_OPTION, cmd, what, IoasError)
         return int(cmd.val64)
 
 
@@ -292,35 +369,60 @@ class Hwpt(_Object):
     def set_dirty_tracking(self, enable: bool) -> None:
         """IOMMU_HWPT_SET_DIRTY_TRACKING; enabling clears every dirty bit first."""
         flags = u.IOMMU_HWPT_DIRTY_TRACKING_ENABLE if enable else 0
-        cmd = _struct(u.iommu_hwpt_set_dirty_tracking, flags=flags, hwpt_id=self.id)
         op = f"IOMMU_HWPT_SET_DIRTY_TRACKING({'enable' if enable else 'disable'})"
-        self.ictx.ioctl(u.IOMMU_HWPT_SET_DIRTY_TRACKING, cmd, op, HwptError)
+        cmd = _struct(u.iommu_hwpt_set_dirty_tracking, op, flags=flags, hwpt_id=self.id)
+        self._ioctl(u.IOMMU_HWPT_SET_DIRTY_TRACKING, cmd, op, HwptError)
 
     def get_dirty_bitmap(
         self, iova: int, length: int, page_size: int = 4096, *, no_clear: bool = False
     ) -> DirtyBitmap:
         """IOMMU_HWPT_GET_DIRTY_BITMAP of ``[iova, iova+length)`` (read-and-clear unless
-        ``no_clear``). The kernel swallows walk errors: unmapped holes report clean."""
-        nbytes = bitmap_bytes(length, page_size)
-        # iommufd_check_iova_range: EOVERFLOW when iova + length - 1 passes 2^64 - 1
-        check_bitmap_size(nbytes, length, page_size, rejected=iova + length - 1 > U64_MAX)
-        buf = self.ictx.scratch.get("dirty_bitmap", min(nbytes, MAX_BITMAP_BYTES))
+        ``no_clear``). The kernel swallows walk errors: unmapped holes report clean.
+
+        The buffer is sized as the kernel uses it (iova_bitmap_alloc: u64 words up to the
+        bit of ``length - 1`` at ``__ffs(page_size)``), and the result's page size is that
+        granule: a ``page_size`` that is not a power of two acts through its lowest bit."""
+        op = "IOMMU_HWPT_GET_DIRTY_BITMAP"
+        self._check_open(op)
         flags = u.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR if no_clear else 0
         cmd = _struct(
             u.iommu_hwpt_get_dirty_bitmap,
+            op,
             hwpt_id=self.id,
             flags=flags,
             iova=iova,
             length=length,
             page_size=page_size,
-            data=buf.addr,
         )
-        op = f"IOMMU_HWPT_GET_DIRTY_BITMAP({iova:#x}, {length:#x}, {page_size:#x}"
+        iova, length, page_size = int(cmd.iova), int(cmd.length), int(cmd.page_size)
+        # Requests iommufd_check_iova_range refuses before it touches the bitmap: the end
+        # past 2^64 (EOVERFLOW), page_size 0, iova or end off the page_size mask (EINVAL).
+        end = (iova + ((length - 1) & U64_MAX) + 1) & U64_MAX
+        rejected = (
+            iova + ((length - 1) & U64_MAX) > U64_MAX
+            or page_size == 0
+            or bool((iova | end) & (page_size - 1))
+        )
+        nbytes = 8 if rejected else iova_bitmap_bytes(length, page_size)
+        check_bitmap_size(nbytes, length, page_size, rejected=rejected)
+        buf = self.ictx.scratch.get("dirty_bitmap", nbytes)
+        cmd.data = buf.addr
+        op = f"{op}({iova:#x}, {length:#x}, {page_size:#x}"
         op += ", NO_CLEAR)" if no_clear else ")"
-        self.ictx.ioctl(u.IOMMU_HWPT_GET_DIRTY_BITMAP, cmd, op, HwptError)
-        return DirtyBitmap.from_words(
-            iova, length, page_size, buf.words(min(nbytes, MAX_BITMAP_BYTES))
-        )
+        self._ioctl(u.IOMMU_HWPT_GET_DIRTY_BITMAP, cmd, op, HwptError)
+        return DirtyBitmap.from_words(iova, length, granule(page_size), buf.words(nbytes))
+
+
+def _pairs(ranges: Sequence[tuple[int, int]], op: str) -> list[tuple[Any, Any]]:
+    """``ranges`` as a list of 2-tuples (TypeError for anything else)."""
+    out = []
+    for r in ranges:
+        try:
+            a, b = r
+        except (TypeError, ValueError):
+            raise TypeError(f"{op}: each range must be a (start, last) pair, got {r!r}") from None
+        out.append((a, b))
+    return out
 
 
 def _map_flags(readable: bool, writeable: bool, *, fixed: bool) -> int:

@@ -14,17 +14,22 @@ that asks for a dirty bitmap hundreds of times does not map new memory each time
 from __future__ import annotations
 
 from collections.abc import Callable
+from errno import EFAULT
 
 import numpy as np
 import numpy.typing as npt
 
+from vfiomig.host.errors import VfioError, call
 from vfiomig.host.resource import Resource
 
 PAGE_SIZE = 4096
 
 
 class UserBuffer(Resource):
-    """A range ``[addr, addr + length)`` of user memory; a context manager that unmaps it."""
+    """A range ``[addr, addr + length)`` of user memory; a context manager that unmaps it.
+    Once unmapped it refuses use (ClosedError, EFAULT): its address may be reused."""
+
+    _closed_errno = EFAULT
 
     def __init__(
         self,
@@ -45,8 +50,7 @@ class UserBuffer(Resource):
     @property
     def array(self) -> npt.NDArray[np.uint8]:
         """Writable numpy view of the bytes (ValueError for unbacked memory)."""
-        if self.closed:
-            raise ValueError("user buffer is closed")
+        self._check_open("user memory access")
         if self._array is None:
             raise ValueError(f"user memory at {self.addr:#x} is unbacked (no bytes behind it)")
         return self._array
@@ -85,10 +89,14 @@ class UserBuffer(Resource):
         return f"UserBuffer(addr={self.addr:#x}, length={self.length}, {state})"
 
 
-def user_range(user: UserBuffer | int, length: int | None, what: str) -> tuple[int, int]:
+def user_range(
+    user: UserBuffer | int, length: int | None, what: str, op: str
+) -> tuple[int, int]:
     """(address, length) of what a map call was given: a whole buffer, a part of one
-    (``length``), or a raw address with ``length`` (``what`` names that argument)."""
+    (``length``), or a raw address with ``length`` (``what`` names that argument). A buffer
+    already unmapped is refused (ClosedError): its address may hold other memory now."""
     if isinstance(user, UserBuffer):
+        user._check_open(op)
         return user.addr, user.length if length is None else length
     if length is None:
         raise ValueError(f"{what} is required when mapping a raw address")
@@ -113,7 +121,8 @@ class Scratch:
         if buf is None or buf.closed or buf.length < n:
             if buf is not None:
                 buf.close()
-            buf = self._mmap(_round_up(n, PAGE_SIZE))
+            size = _round_up(n, PAGE_SIZE)
+            buf = call(VfioError, f"mmap({size:#x})", self._mmap, size)
             self._bufs[name] = buf
         elif zero:
             buf.zero()

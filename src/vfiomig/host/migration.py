@@ -15,12 +15,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from errno import EIO, ENOMSG
 
+from vfiomig.host.cstruct import check_int, fill
 from vfiomig.host.errors import MigrationDataError, call
 from vfiomig.host.resource import Resource
 from vfiomig.host.transport import POLLIN, Transport
 from vfiomig.uapi import vfio as v
 
 DEFAULT_CHUNK = 1 << 20
+SSIZE_MAX = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -38,22 +40,23 @@ class PrecopyInfo:
 
 
 class MigrationFile(Resource):
-    """A migration data fd; a context manager that closes it."""
+    """A migration data fd; a context manager that closes it (and, if dropped open, its
+    finalizer does, with a ResourceWarning)."""
+
+    _owns_fd = True
 
     def __init__(self, transport: Transport, fd: int, *, saving: bool) -> None:
         self.transport = transport
         self.fd = fd
         self.saving = saving
 
-    def _check(self) -> None:
-        if self.closed:
-            raise ValueError("migration file is closed")
-
     # -- saving -------------------------------------------------------------------------
 
     def read(self, n: int = DEFAULT_CHUNK) -> bytes:
         """One read(2): up to ``n`` bytes; ``b""`` at end of stream; ENOMSG raises."""
-        self._check()
+        op = "read(data_fd)"
+        self._check_open(op)
+        n = check_int(op, "count", n, 0, SSIZE_MAX, "size_t")
         return call(MigrationDataError, f"read(data_fd, {n})", self.transport.read, self.fd, n)
 
     def read_chunk(self, n: int = DEFAULT_CHUNK) -> bytes | None:
@@ -81,11 +84,14 @@ class MigrationFile(Resource):
         """VFIO_MIG_GET_PRECOPY_INFO (only in PRE_COPY / PRE_COPY_P2P, else EINVAL).
 
         ``flags`` is what goes into the struct: a v1 kernel hands it back unchanged."""
-        self._check()
-        info = v.vfio_precopy_info(argsz=ctypes.sizeof(v.vfio_precopy_info), flags=flags)
+        op = "VFIO_MIG_GET_PRECOPY_INFO"
+        self._check_open(op)
+        info = fill(
+            v.vfio_precopy_info, op, argsz=ctypes.sizeof(v.vfio_precopy_info), flags=flags
+        )
         call(
             MigrationDataError,
-            "VFIO_MIG_GET_PRECOPY_INFO",
+            op,
             self.transport.ioctl,
             self.fd,
             v.VFIO_MIG_GET_PRECOPY_INFO,
@@ -94,7 +100,10 @@ class MigrationFile(Resource):
         return PrecopyInfo(int(info.initial_bytes), int(info.dirty_bytes), int(info.flags))
 
     def poll(self, timeout_ms: int = 0, events: int = POLLIN) -> int:
-        self._check()
+        op = "poll(data_fd)"
+        self._check_open(op)
+        events = check_int(op, "events", events, 0, 0xFFFF, "short")  # struct pollfd
+        timeout_ms = check_int(op, "timeout", timeout_ms, -(1 << 31), (1 << 31) - 1, "int")
         return call(
             MigrationDataError, "poll(data_fd)", self.transport.poll, self.fd, events, timeout_ms
         )
@@ -103,14 +112,14 @@ class MigrationFile(Resource):
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """One write(2); returns how many bytes the kernel took."""
-        self._check()
+        self._check_open("write(data_fd)")
         return call(
             MigrationDataError, f"write(data_fd, {len(data)})", self.transport.write, self.fd, data
         )
 
     def write_all(self, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data``, continuing after short writes."""
-        view = memoryview(bytes(data) if not isinstance(data, bytes | bytearray) else data)
+        view = memoryview(data).cast("B")  # bytes-like only (TypeError otherwise)
         while view:
             n = self.write(view)
             if n <= 0:

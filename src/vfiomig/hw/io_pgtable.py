@@ -88,14 +88,29 @@ class PackedBits:
             c = self._chunks[key] = np.zeros(CHUNK_PAGES // 8, np.uint8)
         return c
 
+    def present(self, p0: int, p1: int) -> Iterator[tuple[int, int, int]]:
+        """(chunk key, local start, local end) of the allocated chunks meeting pages
+        [p0, p1), in order: the cost follows the chunks that exist, not the range (which
+        may span the whole 64-bit space)."""
+        if p1 <= p0:
+            return
+        k0, k1 = p0 >> CHUNK_SHIFT, (p1 - 1) >> CHUNK_SHIFT
+        if k1 - k0 < len(self._chunks):
+            keys = [k for k in range(k0, k1 + 1) if k in self._chunks]
+        else:
+            keys = sorted(k for k in self._chunks if k0 <= k <= k1)
+        for key in keys:
+            base = key << CHUNK_SHIFT
+            yield key, max(p0, base) - base, min(p1, base + CHUNK_PAGES) - base
+
     def parts(self, p0: int, p1: int, create: bool) -> Iterator[tuple[U8, slice, int]]:
         """(chunk array, byte slice, bit mask) for pages [p0, p1); absent chunks are skipped
         unless `create`."""
-        for key, lo, hi in pieces(p0, p1):
-            c = self.chunk(key) if create else self._chunks.get(key)
-            if c is not None:
-                for sl, m in byte_parts(lo, hi):
-                    yield c, sl, m
+        spans = pieces(p0, p1) if create else self.present(p0, p1)
+        for key, lo, hi in spans:
+            c = self.chunk(key)
+            for sl, m in byte_parts(lo, hi):
+                yield c, sl, m
 
     def set(self, p0: int, p1: int) -> None:
         for c, sl, m in self.parts(p0, p1, create=True):
@@ -115,6 +130,21 @@ class PackedBits:
         c = self._chunks.get(p >> CHUNK_SHIFT)
         local = p & (CHUNK_PAGES - 1)
         return c is not None and bool(int(c[local >> 3]) >> (local & 7) & 1)
+
+    def nonzero(self, p0: int, p1: int) -> npt.NDArray[np.int64]:
+        """Indexes of the set bits among pages [p0, p1), ascending; only allocated chunks
+        are read, and of those only their non-zero bytes are unpacked."""
+        found = []
+        for key, lo, hi in self.present(p0, p1):
+            b0 = lo >> 3
+            seg = self._chunks[key][b0 : (hi + 7) >> 3]
+            nz = np.flatnonzero(seg)
+            if nz.size == 0:
+                continue
+            on = np.unpackbits(seg[nz][:, None], axis=1, bitorder="little").astype(bool)
+            idx = ((nz + b0)[:, None] * 8 + np.arange(8))[on]
+            found.append(idx[(idx >= lo) & (idx < hi)] + (key << CHUNK_SHIFT))
+        return np.concatenate(found).astype(np.int64) if found else np.zeros(0, np.int64)
 
     def or_into(self, p0: int, p1: int, out: U8) -> None:
         """OR the bits of pages [p0, p1) into `out` (bit 0 of out[0] is page p0).

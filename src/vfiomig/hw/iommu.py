@@ -280,6 +280,22 @@ class Domain:
             self.pt.dirty.clear(*self.pt.leaf_pages(p0, p1))
         return bits
 
+    def has_dirty(self, iova: int, length: int) -> bool:
+        """Could any page of [iova, iova+length) be dirty? False only when no dirty bit
+        is stored there at all (a quick test on the sparse chunks, no bits read)."""
+        _check_aligned(iova=iova, length=length)
+        p0, p1 = iova >> PAGE_SHIFT, (iova + length) >> PAGE_SHIFT
+        return any(True for _ in self.pt.dirty.present(p0, p1))
+
+    def clear_dirty(self, iova: int, length: int) -> None:
+        """read_and_clear_dirty with nothing to record (iommu_read_and_clear_dirty with a
+        NULL bitmap): every leaf meeting the range is cleaned, no bits are built."""
+        self._need_dirty_ops()
+        _check_aligned(iova=iova, length=length)
+        p0, p1 = iova >> PAGE_SHIFT, (iova + length) >> PAGE_SHIFT
+        if p1 > p0:
+            self.pt.dirty.clear(*self.pt.leaf_pages(p0, p1))
+
     def iotlb_sync(self, iova: int, length: int) -> None:
         """Invalidate the IOTLB for the range: every cached leaf overlapping it."""
         _check_aligned(iova=iova, length=length)

@@ -14,7 +14,8 @@ Migration (mtty_step_state and friends):
   the same file;
 * resume: writes past 24 + 36n are ENOMEM; the header is checked only by the write that
   crosses byte 24 (EFAULT, bytes still counted); RESUMING -> STOP with fewer than 24 + 36n
-  bytes is EINVAL and the device stays RESUMING;
+  bytes is EINVAL and the device stays RESUMING; the ports are copied as they came (ring
+  positions unchecked, as mtty.c does); one outside the FIFO is logged when the UART uses it;
 * VFIO_DEVICE_RESET (mtty_reset): state RUNNING, data files disabled; the ports keep their
   contents (mtty resets no UART state).
 """
@@ -133,6 +134,7 @@ class MttyHw(DmaDevice):
 
     def __init__(self, dev: MttyDevice, nr_ports: int) -> None:
         super().__init__(dev.kernel.mm, f"mtty{dev.index}")
+        self.dev = dev
         self.nr_ports = nr_ports
         self.ports = [serial_port(), serial_port()]
         for p in self.ports:  # mtty_init_dev
@@ -183,12 +185,27 @@ def _fifo_empty(s: serial_port) -> bool:
     return bool(s.rxtx.head == s.rxtx.tail)
 
 
+def _slot(hw: MttyHw, pos: int, what: str) -> int:
+    """The FIFO slot mtty.c uses for rxtx.head / rxtx.tail. It indexes fifo[pos] without a
+    mask: positions are only masked by CIRCULAR_BUF_INC_IDX after use. The port's own
+    writes keep them below 16, but mtty_load_state copies a resumed port as it came (it
+    checks only the stream's size), so a crafted stream can make the driver read or write
+    outside fifo[] (an out-of-bounds access in the kernel). The model cannot reproduce
+    memory corruption: it logs what the driver did and uses the slot the mask would."""
+    if pos >= MAX_FIFO_SIZE:
+        hw.dev.warn(
+            f"mtty: rxtx.{what} = {pos} is outside fifo[{MAX_FIFO_SIZE}]: "
+            "the driver accesses memory past its FIFO"
+        )
+    return pos & (MAX_FIFO_SIZE - 1)
+
+
 def _w_tx(hw: MttyHw, s: serial_port, data: int) -> None:
     if s.dlab:  # DLAB: data is the divisor's LSB (OR-ed in, as mtty does)
         s.divisor |= data
         return
     if s.rxtx.count < s.max_fifo_size:
-        s.rxtx.fifo[s.rxtx.head] = data
+        s.rxtx.fifo[_slot(hw, s.rxtx.head, "head")] = data
         s.rxtx.count += 1
         s.rxtx.head = (s.rxtx.head + 1) & (MAX_FIFO_SIZE - 1)
         s.overrun = False
@@ -246,7 +263,7 @@ def _r_rx(hw: MttyHw, s: serial_port) -> int:
         return int(s.divisor) & 0xFF
     val = 0
     if not _fifo_empty(s):
-        val = s.rxtx.fifo[s.rxtx.tail]
+        val = s.rxtx.fifo[_slot(hw, s.rxtx.tail, "tail")]
         s.rxtx.count -= 1
         s.rxtx.tail = (s.rxtx.tail + 1) & (MAX_FIFO_SIZE - 1)
     if _fifo_empty(s) and s.uart_reg[UART_IER] & UART_IER_THRI:
@@ -391,7 +408,8 @@ class MttyResumingFile(ResumingFile):
         )
 
     def load_state(self, hw: MttyHw) -> None:
-        """mtty_load_state: only the size is checked here (the header was checked on write)."""
+        """mtty_load_state: only the size is checked here (the header was checked on write).
+        The ports are copied as they came: nothing bounds their FIFO positions (see _slot)."""
         if self.filled_size < self.data_size:
             raise err(EINVAL)
         for i in range(self.nr_ports):

@@ -61,6 +61,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vfiomig.hw.device import DmaDevice
+from vfiomig.hw.io_pgtable import PackedBits
 from vfiomig.kernel.bitops import U64_MAX
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import File
@@ -129,86 +130,49 @@ def _mix(seed: int, steps: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
 
 
 # ---------------------------------------------------------------------------------------
-# the device-side DMA log (mlx5's page tracker, in numpy)
-
-
-def _set_bits(bits: npt.NDArray[np.uint8], a: int, b: int) -> None:
-    """Set bits a..b (inclusive) of a little-endian packed bitmap."""
-    ba, bb = a >> 3, b >> 3
-    lo = (0xFF << (a & 7)) & 0xFF
-    hi = 0xFF >> (7 - (b & 7))
-    if ba == bb:
-        bits[ba] |= lo & hi
-        return
-    bits[ba] |= lo
-    bits[ba + 1 : bb] = 0xFF
-    bits[bb] |= hi
-
-
-def _clear_bits(bits: npt.NDArray[np.uint8], a: int, b: int) -> None:
-    ba, bb = a >> 3, b >> 3
-    lo = (0xFF << (a & 7)) & 0xFF
-    hi = 0xFF >> (7 - (b & 7))
-    if ba == bb:
-        bits[ba] &= ~(lo & hi) & 0xFF
-        return
-    bits[ba] &= ~lo & 0xFF
-    bits[ba + 1 : bb] = 0
-    bits[bb] &= ~hi & 0xFF
-
-
-def _bits_in(bits: npt.NDArray[np.uint8], a: int, b: int) -> npt.NDArray[np.int64]:
-    """Indices of the set bits among a..b, without unpacking the zero bytes."""
-    ba = a >> 3
-    seg = bits[ba : (b >> 3) + 1]
-    nz = np.flatnonzero(seg)
-    if nz.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    flags = np.unpackbits(seg[nz][:, None], axis=1, bitorder="little").astype(bool)
-    idx = ((nz + ba)[:, None] * 8 + np.arange(8))[flags]
-    return idx[(idx >= a) & (idx <= b)].astype(np.int64)
+# the device-side DMA log (mlx5's page tracker, sparse numpy bits)
 
 
 class DirtyLog:
-    """Dirty pages of the tracked ranges, one packed bitmap per range."""
+    """Dirty pages of the tracked ranges: one sparse bitmap of log pages (hw PackedBits,
+    allocated per window of 2^22 pages on the first write there), so that a range of 2^52
+    bytes or more costs memory only where the device wrote, like a device tracker, which
+    the kernel (mlx5vf_start_page_tracker) never sizes per page of the ranges."""
 
     def __init__(self, ranges: list[tuple[int, int]], page_shift: int) -> None:
         self.shift = page_shift
         self.page_size = 1 << page_shift
-        # (first page, last page, bitmap) per range, sorted; zero-length ranges track nothing
-        self.ranges: list[tuple[int, int, npt.NDArray[np.uint8]]] = []
-        for start, length in ranges:
-            if length == 0:
-                continue
-            p0, p1 = start >> page_shift, (start + length - 1) >> page_shift
-            self.ranges.append((p0, p1, np.zeros((p1 - p0) // 8 + 1, dtype=np.uint8)))
-
-    def _overlaps(
-        self, iova: int, length: int
-    ) -> list[tuple[int, int, int, npt.NDArray[np.uint8]]]:
-        """(first bit, last bit, first page, bitmap) of every range meeting the span."""
-        q0, q1 = iova >> self.shift, (iova + length - 1) >> self.shift
-        return [
-            (max(p0, q0) - p0, min(p1, q1) - p0, p0, bits)
-            for p0, p1, bits in self.ranges
-            if p0 <= q1 and q0 <= p1
+        # (first page, last page) per range, sorted; zero-length ranges track nothing
+        self.spans = [
+            (start >> page_shift, (start + length - 1) >> page_shift)
+            for start, length in ranges
+            if length
         ]
+        self.bits = PackedBits()
+
+    def _overlaps(self, iova: int, length: int) -> list[tuple[int, int]]:
+        """[first, last] log pages of every range that meets [iova, iova+length)."""
+        q0, q1 = iova >> self.shift, (iova + length - 1) >> self.shift
+        return [(max(p0, q0), min(p1, q1)) for p0, p1 in self.spans if p0 <= q1 and q0 <= p1]
 
     def mark(self, iova: int, length: int) -> None:
         if length <= 0:
             return
-        for a, b, _, bits in self._overlaps(iova, length):
-            _set_bits(bits, a, b)
+        for a, b in self._overlaps(iova, length):
+            self.bits.set(a, b + 1)
 
     def read_and_clear(self, iova: int, length: int) -> npt.NDArray[np.uint64]:
         """Start addresses of the dirty pages meeting [iova, iova+length); clears them."""
         if length <= 0:
             return np.zeros(0, dtype=np.uint64)
         found = []
-        for a, b, p0, bits in self._overlaps(iova, length):
-            found.append((_bits_in(bits, a, b) + p0).astype(np.uint64) << np.uint64(self.shift))
-            _clear_bits(bits, a, b)
-        return np.concatenate(found) if found else np.zeros(0, dtype=np.uint64)
+        for a, b in self._overlaps(iova, length):
+            found.append(self.bits.nonzero(a, b + 1))
+            self.bits.clear(a, b + 1)
+        if not found:
+            return np.zeros(0, dtype=np.uint64)
+        pages = np.unique(np.concatenate(found)).astype(np.uint64)
+        return pages << np.uint64(self.shift)
 
 
 def _check_log_options(

@@ -258,5 +258,8 @@ def iommufd_get_hw_info(ucmd: Ucmd) -> int:
     cmd.out_capabilities = 0
     if idev.dirty_capable:
         cmd.out_capabilities |= u.IOMMU_HW_CAP_DIRTY_TRACKING
+    # iommufd_get_hw_info always writes out_max_pasid_log2: ilog2(dev->iommu->max_pasids)
+    # when PASID is enabled, else 0. No modelled device has PASID (nor PASID_EXEC/PRIV).
+    cmd.out_max_pasid_log2 = 0
     ucmd.respond()
     return 0

@@ -37,7 +37,8 @@ from errno import (
 )
 from typing import TYPE_CHECKING, Any
 
-from vfiomig.hw.memory import PAGE_SIZE
+from vfiomig.hw.io_pgtable import CHUNK_SHIFT
+from vfiomig.hw.memory import PAGE_SHIFT, PAGE_SIZE
 from vfiomig.kernel.bitops import U64_MAX, ULONG_MAX
 from vfiomig.kernel.bitops import __ffs as ffs
 from vfiomig.kernel.errors import err
@@ -57,6 +58,9 @@ IOMMU_CACHE = 1 << 2
 
 # iommu_dirty_bitmap flags (include/linux/iommu.h) == IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR
 IOMMU_DIRTY_NO_CLEAR = 1 << 0
+
+# The dirty walk's window: one chunk of the hw dirty bits (2^22 pages, 16 GiB of IOVA).
+HW_WINDOW = 1 << (CHUNK_SHIFT + PAGE_SHIFT)
 
 # The IOMMU driver tries this often to get an access to let go of a range being unmapped.
 UNMAP_MAX_TRIES = 100
@@ -624,7 +628,7 @@ class IoPagetable:
             for area in self.areas:
                 if area.pages is None:
                     continue
-                domain.read_and_clear_dirty(area.iova, area.length, clear=True)
+                domain.clear_dirty(area.iova, area.length)
             for area in self.areas:
                 if area.pages is not None:
                     domain.iotlb_sync(area.iova, area.length)
@@ -678,22 +682,29 @@ def record_dirty(domain: Any, bitmap: IovaBitmap, cur: int, length: int, clear: 
 
     When the user's bitmap takes the 4 KiB bits as they are (granule 4 KiB, byte aligned,
     one backed mapping), the hw ORs its bits straight into user memory: no intermediate
-    array.
+    array. Otherwise one window of 4 KiB bits at a time goes through IovaBitmap.set_pages.
     """
     npages = length // PAGE_SIZE
     if npages == 0:
         return
     end = cur + length
-    direct = bitmap.direct_view(cur, npages)
-    if direct is not None:
-        # the edge leaves' state, read before the bulk read clears it
-        first_dirty = _page_dirty(domain, cur)
-        last_dirty = _page_dirty(domain, end - PAGE_SIZE)
-        domain.read_and_clear_dirty(cur, length, clear=clear, out=direct)
-    else:
-        bits = domain.read_and_clear_dirty(cur, length, clear=clear)
-        bitmap.set_pages(cur, bits, npages)
-        first_dirty, last_dirty = _bit(bits, 0), _bit(bits, npages - 1)
+    # the edge leaves' state, read before the walk clears it
+    first_dirty = _page_dirty(domain, cur)
+    last_dirty = _page_dirty(domain, end - PAGE_SIZE)
+    # The walk in windows of the hw's 16 GiB chunks: no leaf crosses their (absolute)
+    # edges, so clearing one window leaves the next as it was, and the 4 KiB bits of one
+    # window are 512 KiB at most, whatever the area's size. Clean windows are skipped.
+    lo = cur
+    while lo < end:
+        hi = min(end, (lo // HW_WINDOW + 1) * HW_WINDOW)
+        n = (hi - lo) // PAGE_SIZE
+        if domain.has_dirty(lo, hi - lo):
+            direct = bitmap.direct_view(lo, n)
+            if direct is not None:
+                domain.read_and_clear_dirty(lo, hi - lo, clear=clear, out=direct)
+            else:
+                bitmap.set_pages(lo, domain.read_and_clear_dirty(lo, hi - lo, clear=clear), n)
+        lo = hi
     first = domain.leaf(cur)
     if first is not None and first_dirty:
         fstart, fsize = first
@@ -710,8 +721,4 @@ def record_dirty(domain: Any, bitmap: IovaBitmap, cur: int, length: int, clear: 
 
 
 def _page_dirty(domain: Any, iova: int) -> bool:
-    return _bit(domain.read_and_clear_dirty(iova, PAGE_SIZE, clear=False), 0)
-
-
-def _bit(bits: Any, i: int) -> bool:
-    return bool(int(bits[i >> 3]) >> (i & 7) & 1)
+    return bool(int(domain.read_and_clear_dirty(iova, PAGE_SIZE, clear=False)[0]) & 1)

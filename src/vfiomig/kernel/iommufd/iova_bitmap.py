@@ -21,10 +21,18 @@ be pinned (not mapped, or without bytes behind it) is dropped silently; the dirt
 it came from is cleared all the same. Bits past the request (a huge leaf that runs past
 its end) land as long as they stay within the pinned pages.
 
+Bounded memory, as in the kernel: iova_bitmap_get pins at most PAGE_SIZE / sizeof(struct
+page *) = 512 user pages of bitmap (2 MiB) at a time and iova_bitmap_set sets bits in them
+with bitmap_set; nothing is allocated per page of the request. The model works in steps of
+at most STEP_BITS bitmap bits (a quarter of that window): every array it builds for one step
+is bounded by it, whatever the IOVA length, the page size (from 1 byte, which the kernel's
+selftests use, to 2^63) or the size of a dirty IOPTE or tracked page. Long runs of set bits
+are written straight into user memory (a fill, like bitmap_set), never as an array per bit.
+
 Everything is vectorized: 4 KiB-granular packed bits from the hw page table become the
 bitmap's granule with byte-wise reductions or expansions, and are OR-ed into numpy views
 of user memory at any bit offset (a shift of the packed bytes); a driver's list of dirty
-ranges (`set_ranges`) becomes bits in one pass. No loop per page or per bit.
+ranges (`set_ranges`) becomes bits in one pass per step. No loop per page or per bit.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from vfiomig.hw.memory import PAGE_SHIFT, PAGE_SIZE
+from vfiomig.hw.memory import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE_MAX
 from vfiomig.kernel.bitops import U64_MAX
 from vfiomig.kernel.bitops import __ffs as _ffs
 from vfiomig.kernel.errors import err
@@ -50,6 +58,11 @@ _BYTE_ANY_2 = np.array(
 _BYTE_ANY_4 = np.array(
     [sum(1 << j for j in range(2) if (b >> (4 * j)) & 15) for b in range(256)], dtype=np.uint8
 )  # one byte -> 2 bits, each the OR of a nibble
+
+
+# The most bitmap bits one step of the model builds an array for (iova_bitmap_get's window
+# is 512 pinned pages = 2^24 bits; a quarter of it keeps the numpy temporaries small).
+STEP_BITS = 1 << 22
 
 
 def shift_packed(packed: npt.NDArray[np.uint8], s: int) -> npt.NDArray[np.uint8]:
@@ -102,9 +115,40 @@ def reduce_packed(packed: npt.NDArray[np.uint8], nbits: int, r: int) -> npt.NDAr
 
 
 def expand_packed(packed: npt.NDArray[np.uint8], nbits: int, k: int) -> npt.NDArray[np.uint8]:
-    """Repeat every bit k times (a granule smaller than the 4 KiB page: k bits per page)."""
-    bits = np.unpackbits(packed, count=nbits, bitorder="little").astype(bool)
-    return np.packbits(np.repeat(bits, k), bitorder="little")
+    """Repeat every bit k times (a granule smaller than the 4 KiB page: k bits per page);
+    k a power of two. Callers bound nbits * k (one step)."""
+    bits = np.unpackbits(packed, count=nbits, bitorder="little")
+    if k >= 8:  # each bit becomes k/8 whole bytes
+        return np.repeat(bits * np.uint8(0xFF), k >> 3)
+    return np.packbits(np.repeat(bits.astype(bool), k), bitorder="little")
+
+
+def any_bits(packed: npt.NDArray[np.uint8], lo: int, hi: int) -> bool:
+    """Is any of bits [lo, hi) of an LSB-first packed bit string set?"""
+    if hi <= lo:
+        return False
+    b0, b1 = lo >> 3, (hi - 1) >> 3
+    head = (0xFF << (lo & 7)) & 0xFF
+    tail = 0xFF >> (7 - ((hi - 1) & 7))
+    if b0 == b1:
+        return bool(int(packed[b0]) & head & tail)
+    return bool(
+        int(packed[b0]) & head or int(packed[b1]) & tail or packed[b0 + 1 : b1].any()
+    )
+
+
+def merge_runs(
+    first: npt.NDArray[np.int64], last: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Inclusive runs [first, last] sorted and merged where they overlap or touch."""
+    order = np.argsort(first, kind="stable")
+    f, lst = first[order], last[order]
+    reach = np.maximum.accumulate(lst)
+    new = np.ones(f.size, dtype=bool)
+    new[1:] = f[1:] > reach[:-1] + 1
+    heads = np.flatnonzero(new)
+    tails = np.append(heads[1:], f.size) - 1
+    return f[heads], reach[tails]
 
 
 class IovaBitmap:
@@ -119,8 +163,9 @@ class IovaBitmap:
         words = ((((length - 1) & U64_MAX) >> self.pgshift) >> 6) + 1
         end = data + words * 8
         pinnable_end = -(-end // PAGE_SIZE) * PAGE_SIZE
-        # bits that may land: those whose byte is inside the pinned pages
-        self.max_bits = max(0, (pinnable_end - data) * 8)
+        # bits that may land: those whose byte is inside the pinned pages, which are user
+        # pages (below TASK_SIZE_MAX: this also keeps every bit index within int64)
+        self.max_bits = max(0, (min(pinnable_end, TASK_SIZE_MAX) - data) * 8)
 
     # -- the user-memory side ----------------------------------------------------------
 
@@ -148,6 +193,36 @@ class IovaBitmap:
         for lo, hi, view in self._backed(int(addrs[0]), int(addrs[-1]) + 1):
             a, b = np.searchsorted(addrs, [lo, hi])
             view[addrs[a:b] - lo] |= vals[a:b]
+
+    def _any_backed(self, byte0: int, byte1: int) -> bool:
+        """Can any of bitmap bytes [byte0, byte1) be pinned?"""
+        return any(True for _ in self._backed(self.data + byte0, self.data + byte1))
+
+    def _or_byte(self, byte: int, mask: int) -> None:
+        for _lo, _hi, view in self._backed(self.data + byte, self.data + byte + 1):
+            view[0] |= mask
+
+    def fill(self, first: int, last: int) -> None:
+        """bitmap_set of bits [first, last] (clipped to what may land), straight into the
+        pinnable user memory: partial head and tail bytes OR-ed, whole bytes set. No array
+        per bit: a run of 2^40 bits costs what the bytes that land cost."""
+        last = min(last, self.max_bits - 1)
+        if first > last:
+            return
+        b0, b1 = first >> 3, last >> 3
+        head = (0xFF << (first & 7)) & 0xFF
+        tail = 0xFF >> (7 - (last & 7))
+        if b0 == b1:
+            self._or_byte(b0, head & tail)
+            return
+        if head != 0xFF:
+            self._or_byte(b0, head)
+            b0 += 1
+        if tail != 0xFF:
+            self._or_byte(b1, tail)
+            b1 -= 1
+        for _lo, _hi, view in self._backed(self.data + b0, self.data + b1 + 1):
+            view[:] = 0xFF
 
     def direct_view(self, cur: int, npages: int) -> npt.NDArray[np.uint8] | None:
         """The user-memory bytes that take the 4 KiB bits of [cur, cur + npages*4K) as
@@ -183,43 +258,54 @@ class IovaBitmap:
         last = (iova + length - 1 - self.iova) >> self.pgshift
         if first >= self.max_bits:
             return
-        last = min(last, self.max_bits - 1)
-        n = last - first + 1
-        ones = np.full((n + 7) >> 3, 0xFF, dtype=np.uint8)
-        self.set_packed(first, ones, n)
+        self.fill(first, last)
 
     def set_ranges(self, starts: npt.NDArray[np.uint64] | list[int], length: int) -> None:
-        """iova_bitmap_set(start, length) for every start at once (a driver's dirty list)."""
+        """iova_bitmap_set(start, length) for every start at once (a driver's dirty list).
+
+        The ranges become runs of bits, merged where they overlap or touch. A run of a step
+        or more is a fill; the others are built per step of STEP_BITS bits (one small
+        array each) and OR-ed in: memory follows the list and the step, not the bits."""
         s = np.asarray(starts, dtype=np.uint64)
         if s.size == 0 or length <= 0 or self.max_bits == 0:
             return
         lo = np.uint64(self.iova)
-        ends = s + np.uint64(length - 1)  # last byte of each range
+        ends = s + np.uint64((length - 1) & U64_MAX)  # last byte of each range
         keep = (ends >= lo) & (ends >= s)  # not before the bitmap, no u64 wrap
         s, ends = s[keep], ends[keep]
-        first = ((np.maximum(s, lo) - lo) >> np.uint64(self.pgshift)).astype(np.int64)
-        last = ((ends - lo) >> np.uint64(self.pgshift)).astype(np.int64)
-        inside = first < self.max_bits
-        first, last = first[inside], np.minimum(last[inside], self.max_bits - 1)
+        shift = np.uint64(self.pgshift)
+        ufirst = (np.maximum(s, lo) - lo) >> shift
+        ulast = (ends - lo) >> shift
+        inside = ufirst < np.uint64(self.max_bits)
+        if not inside.any():
+            return
+        cap = np.uint64(self.max_bits - 1)
+        first, last = merge_runs(
+            ufirst[inside].astype(np.int64), np.minimum(ulast[inside], cap).astype(np.int64)
+        )
+        step = STEP_BITS
+        long = last - first + 1 >= step
+        for f, lst in zip(first[long].tolist(), last[long].tolist(), strict=True):
+            self.fill(f, lst)
+        first, last = first[~long], last[~long]
         if first.size == 0:
             return
-        counts = last - first + 1
-        total = int(counts.sum())
-        b0 = int(first.min())
-        span = int(last.max()) - b0 + 1
-        if total * 8 >= span:  # dense: a bool map of the span, packed
-            marks = np.zeros(span + 1, dtype=np.int32)
-            np.add.at(marks, first - b0, 1)
-            np.add.at(marks, last - b0 + 1, -1)
-            packed = np.packbits(np.cumsum(marks[:-1]) > 0, bitorder="little")
-            self.set_packed(b0, packed, span)
-            return
-        # sparse: every bit, grouped by byte
-        idx = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(total)
-        idx = np.unique(idx)
-        byte_idx, at = np.unique(idx >> 3, return_index=True)
-        vals = np.bitwise_or.reduceat((1 << (idx & 7)).astype(np.uint8), at)
-        self._or_at(byte_idx, vals)
+        # one pass per step that has runs starting in it (a run may end in the next)
+        win = first // step
+        bounds = np.flatnonzero(np.diff(win)) + 1
+        for a, b in zip(
+            np.concatenate(([0], bounds)).tolist(),
+            np.concatenate((bounds, [first.size])).tolist(),
+            strict=True,
+        ):
+            base = int(win[a]) * step
+            f, lst = first[a:b] - base, last[a:b] - base
+            span = int(lst.max()) + 1
+            marks = np.zeros(span + 1, dtype=np.int8)  # runs are disjoint: +1 / -1 edges
+            marks[f] = 1
+            marks[lst + 1] -= 1
+            packed = np.packbits(np.cumsum(marks[:-1], dtype=np.int8) > 0, bitorder="little")
+            self.set_packed(base, packed, span)
 
     # -- VFIO's DMA_LOGGING_REPORT: iova_bitmap_for_each's error is returned ---------------
 
@@ -237,7 +323,8 @@ class IovaBitmap:
         return min(length, self.max_bits << self.pgshift)
 
     def set_pages(self, cur: int, bits: npt.NDArray[np.uint8], npages: int) -> None:
-        """Record the 4 KiB page bits of [cur, cur + npages*4K) (bit j = page j)."""
+        """Record the 4 KiB page bits of [cur, cur + npages*4K) (bit j = page j). Callers
+        pass at most one hw window of pages (2^22); the granule conversion works in steps."""
         if npages <= 0:
             return
         rel = cur - self.iova
@@ -248,21 +335,44 @@ class IovaBitmap:
         if self.pgshift == PAGE_SHIFT:
             self.set_packed(page0, packed, npages)
         elif self.pgshift > PAGE_SHIFT:
-            r = 1 << (self.pgshift - PAGE_SHIFT)
-            pad = page0 % r  # pages of the first output bit that lie before cur
-            first = page0 // r
-            # Pages beyond what can land need no reduction.
-            keep = min(npages, (self.max_bits - first) * r - pad) if first < self.max_bits else 0
-            if keep <= 0:
-                return
-            stream = mask_tail(packed, keep)
-            stream = shift_packed(np.concatenate([np.zeros(pad >> 3, np.uint8), stream]), pad & 7)
-            red = reduce_packed(stream, pad + keep, r)
-            self.set_packed(first, red, (pad + keep + r - 1) // r)
+            self._reduce_pages(page0, packed, npages)
         else:
-            k = 1 << (PAGE_SHIFT - self.pgshift)
-            first = page0 * k
+            self._expand_pages(page0, packed, npages)
+
+    def _reduce_pages(self, page0: int, packed: npt.NDArray[np.uint8], npages: int) -> None:
+        """A granule above 4 KiB: bit b is the OR of pages [b*r, (b+1)*r)."""
+        s = self.pgshift - PAGE_SHIFT
+        r = 1 << s
+        first, last = page0 >> s, (page0 + npages - 1) >> s
+        if first >= self.max_bits:
+            return
+        if last - first < 2:  # a granule as large as the pages given: bit by bit
+            for b in range(first, min(last, self.max_bits - 1) + 1):
+                lo = max(page0, b << s) - page0
+                hi = min(page0 + npages, (b + 1) << s) - page0
+                if any_bits(packed, lo, hi):
+                    self.fill(b, b)
+            return
+        # r < npages here, so the pad before the first whole group is under npages too
+        pad = page0 % r  # pages of the first output bit that lie before cur
+        # Pages beyond what can land need no reduction.
+        keep = min(npages, (self.max_bits - first) * r - pad)
+        stream = mask_tail(packed, keep)
+        stream = shift_packed(np.concatenate([np.zeros(pad >> 3, np.uint8), stream]), pad & 7)
+        red = reduce_packed(stream, pad + keep, r)
+        self.set_packed(first, red, (pad + keep + r - 1) // r)
+
+    def _expand_pages(self, page0: int, packed: npt.NDArray[np.uint8], npages: int) -> None:
+        """A granule below 4 KiB: every page is k bits. Done a step of bits at a time,
+        skipping clean pages and bitmap bytes that cannot be pinned."""
+        k = 1 << (PAGE_SHIFT - self.pgshift)
+        per = max(8, STEP_BITS // k)  # pages per step, a multiple of 8
+        for i in range(0, npages, per):
+            first = (page0 + i) * k
             if first >= self.max_bits:
                 return
-            keep = min(npages, -(-(self.max_bits - first) // k))
-            self.set_packed(first, expand_packed(mask_tail(packed, keep), keep, k), keep * k)
+            n = min(per, npages - i, -(-(self.max_bits - first) // k))
+            part = mask_tail(packed[i >> 3 : (i + n + 7) >> 3], n)
+            if not part.any() or not self._any_backed(first >> 3, ((first + n * k) >> 3) + 1):
+                continue
+            self.set_packed(first, expand_packed(part, n, k), n * k)
