@@ -136,7 +136,6 @@ class Migration:
         self.dirty_rate_high_cnt = 0
         self.throttle_tick = 0.0
         self.throttle_tick_syncs = 0
-        self.init_data_sent = False
         self.wall_start = time.perf_counter()
         self._last_wire = 0  # QEMU bytes of the last RAM section (paces the next)
         self.failed_step = ""
