@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import select
 from collections.abc import Callable
-from errno import EBADF, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, EOVERFLOW
+from errno import EBADF, EFAULT, EINVAL, ENODEV, ENOENT, EOVERFLOW
 from typing import Any
 
 import numpy as np
@@ -210,11 +210,7 @@ class ModelKernel:
         size = page_align(length)
         if offset + size > MAX_LFS_FILESIZE:
             raise err(EOVERFLOW)
-        try:
-            view = f.pages(offset, size)
-        except (OSError, ValueError, OverflowError):  # the host cannot map that much
-            raise err(ENOMEM) from None
-        r = self.mm.map_data(view, offset)
+        r = self.mm.map_data(f.pages(offset, size), offset)  # ENOMEM
         return r.addr, r.data
 
     def munmap(self, addr: int) -> None:

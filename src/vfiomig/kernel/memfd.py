@@ -24,7 +24,7 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
-from errno import EFAULT, EINVAL, ENOSYS
+from errno import EFAULT, EINVAL, ENOMEM, ENOSYS
 from typing import Any
 
 import numpy as np
@@ -69,7 +69,6 @@ class MemfdFile(File):
         self.pos = 0  # f_pos
         self._fd = _host_file()
         self._host_size = 0  # >= size and >= the end of every view
-        self._window: npt.NDArray[np.uint8] | None = None  # a view of [0, _host_size)
 
     # -- file operations -------------------------------------------------------------
 
@@ -128,16 +127,17 @@ class MemfdFile(File):
         if end > self._host_size:
             os.ftruncate(self._fd, end)
             self._host_size = end
-            self._window = None
 
     def pages(self, offset: int, length: int) -> npt.NDArray[np.uint8]:
         """A writable numpy array over the file's bytes [offset, offset + length): shared by
-        every view of the same bytes. offset and length are page multiples, length > 0."""
-        self._grow_host(offset + length)
-        if self._window is None:
-            m = mmap.mmap(self._fd, self._host_size, mmap.MAP_SHARED)
-            self._window = np.frombuffer(m, dtype=np.uint8)
-        return self._window[offset : offset + length]
+        every view of the same bytes. offset and length are page multiples, length > 0.
+        What the host cannot map is ENOMEM."""
+        try:
+            self._grow_host(offset + length)
+            m = mmap.mmap(self._fd, length, mmap.MAP_SHARED, offset=offset)
+        except (OSError, ValueError, OverflowError):
+            raise err(ENOMEM) from None
+        return np.frombuffer(m, dtype=np.uint8)
 
 
 def memfd_create(name: Any, flags: Any) -> MemfdFile:
