@@ -274,3 +274,16 @@ def test_unmapped_file_pages_release_the_file() -> None:
     w.f.unmap(w.ioas, BASE, 4 * K4)
     assert not w.k.mm.regions_in(KERNEL_BASE, 1 << 62)
     assert np.all(w.view[:K4] == 0)  # the process mapping lives on
+
+
+def test_the_kernel_address_of_pinned_file_pages_is_no_user_pointer() -> None:
+    """Pinned file pages are mapped past TASK_SIZE_MAX (hw/memory.py KERNEL_BASE): a user
+    pointer there is EFAULT (access_ok / pin_user_pages) in IOAS_MAP and GET_HW_INFO, and
+    the file's bytes stay untouched."""
+    w = World()
+    kaddr = w.k.mm.regions_in(KERNEL_BASE, 1 << 62)[0].addr
+    w.view[:K4] = 0x11
+    assert w.e(u.IOMMU_IOAS_MAP, w.f.map_cmd(w.ioas, kaddr, K4, BASE + M2)) == E.EFAULT
+    info = sized(u.iommu_hw_info, dev_id=w.dev.devid, data_uptr=kaddr, data_len=64)
+    assert w.e(u.IOMMU_GET_HW_INFO, info) == E.EFAULT
+    assert (w.view[:K4] == 0x11).all()

@@ -128,6 +128,8 @@ class UserPtr(UserArg):
         addr = self.addr
         while len(out) < n:
             chunk = min(n - len(out), PAGE_SIZE - addr % PAGE_SIZE)
+            if not access_ok(addr, chunk):
+                raise err(EFAULT)
             part = self.mm.read(addr, chunk)  # EFAULT: unreadable before the NUL
             nul = part.find(b"\0")
             if nul >= 0:

@@ -24,6 +24,7 @@ from vfiomig.kernel.iommufd.main import (
     Ucmd,
     register,
 )
+from vfiomig.kernel.uaccess import access_ok
 from vfiomig.uapi import iommufd as u
 
 
@@ -257,6 +258,8 @@ def iommufd_get_hw_info(ucmd: Ucmd) -> int:
     copy_len = min(cmd.data_len, len(data))
     mm = ucmd.ictx.kernel.mm
     try:
+        if cmd.data_len and not access_ok(cmd.data_uptr, cmd.data_len):
+            raise err(EFAULT)
         if copy_len:
             mm.write(cmd.data_uptr, data[:copy_len])
         if copy_len < cmd.data_len:  # clear_user of the rest of a larger buffer
