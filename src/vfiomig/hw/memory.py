@@ -7,6 +7,10 @@ it was pinned from, and DMA reads and writes land in the same bytes the process 
 A region is either backed (a numpy uint8 array) or unbacked: address space without bytes,
 for simulating guests of hundreds of GiB or 1 TiB where only dirty state matters.
 Any access outside a region, or a byte access to an unbacked region, is EFAULT.
+
+Some regions share their bytes with a file (`map_data`): a shared mapping of a memfd at a user
+address, and the kernel's own mapping of file pages iommufd pinned (IOAS_MAP_FILE), placed
+at KERNEL_BASE and above, past TASK_SIZE_MAX, where no user pointer reaches (access_ok).
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ GUARD = 1 << 21
 # The top of the process's address space (TASK_SIZE_MAX): arm64's 48-bit VA. x86-64's 4-level
 # 2^47 - 4 KiB would be too small for a 1 TiB guest placed above MMAP_BASE plus its buffers.
 TASK_SIZE_MAX = 1 << 48
+# Where pinned file pages get their addresses (the kernel's direct map, for the model): above
+# user space, so an IOPTE's address for them is never a user pointer. 1 GiB apart, with the
+# file offset's phase in a 1 GiB block kept, so huge IOPTEs are possible as over user memory.
+KERNEL_BASE = TASK_SIZE_MAX
+KERNEL_ALIGN = 1 << 30
 
 
 def efault() -> OSError:
@@ -72,6 +81,7 @@ class Memory:
         self._regions: list[Region] = []
         self._starts: list[int] = []
         self._next = MMAP_BASE
+        self._knext = KERNEL_BASE
 
     def mmap(self, length: int, backed: bool = True) -> Region:
         """A new region; EINVAL for length <= 0, ENOMEM when it does not fit below
@@ -92,6 +102,28 @@ class Memory:
         self._regions.insert(i, region)
         self._starts.insert(i, addr)
         self._next = addr + size + GUARD
+        return region
+
+    def map_data(
+        self, data: npt.NDArray[np.uint8], phase: int = 0, *, kernel: bool = False
+    ) -> Region:
+        """A region whose bytes are `data` itself (shared, not copied): a shared mapping of a
+        file. The address keeps `phase` (the file offset) modulo the alignment, 2 MiB at a
+        user address like mmap, 1 GiB at a kernel one (kernel=True). ENOMEM as mmap."""
+        align = KERNEL_ALIGN if kernel else GUARD
+        cursor = self._knext if kernel else self._next
+        addr = ((cursor + align - 1) & ~(align - 1)) + phase % align
+        size = len(data)
+        if not kernel and addr + size > TASK_SIZE_MAX:
+            raise enomem()
+        region = Region(addr, size, data)
+        i = bisect.bisect(self._starts, addr)
+        self._regions.insert(i, region)
+        self._starts.insert(i, addr)
+        if kernel:
+            self._knext = addr + size + GUARD
+        else:
+            self._next = addr + size + GUARD
         return region
 
     def munmap(self, addr: int) -> None:

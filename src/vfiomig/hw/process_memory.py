@@ -296,3 +296,9 @@ class ProcessMemory(Memory):
 
     def munmap(self, addr: int) -> None:
         raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+
+    def map_data(
+        self, data: npt.NDArray[np.uint8], phase: int = 0, *, kernel: bool = False
+    ) -> Region:
+        """Mappings of the model's memfds are not the program's: ENODEV, as mmap."""
+        raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))

@@ -1,11 +1,11 @@
 """ModelKernel: one modelled Linux 7.2 machine seen from one process.
 
-The syscall surface (open, ioctl, read, write, close, mmap) is the only way in, and every
-failure leaves it as OSError with the errno the real syscall gives, whatever is passed: what
-stands for a pointer but is no contiguous buffer (None, a str, a strided view) is EFAULT, a
-number of the wrong type EINVAL, an fd that is not open EBADF, an mmap past the top of user
-space (hw.memory.TASK_SIZE_MAX) or beyond the host's memory ENOMEM
-(tests/test_kernel_hostile.py). The set-up calls (add_device, device, group_of) are the
+The syscall surface (open, ioctl, read, write, close, mmap, memfd_create, ftruncate) is the
+only way in, and every failure leaves it as OSError with the errno the real syscall gives,
+whatever is passed: what stands for a pointer but is no contiguous buffer (None, a str, a
+strided view) is EFAULT, a number of the wrong type EINVAL, an fd that is not open EBADF,
+an mmap past the top of user space (hw.memory.TASK_SIZE_MAX) or beyond the host's memory
+ENOMEM (tests/test_kernel_hostile.py). The set-up calls (add_device, device, group_of) are the
 machine's wiring, not syscalls: their mistakes are ValueError / TypeError. Device nodes:
 
     /dev/iommu                  iommufd (drivers/iommu/iommufd/main.c)
@@ -21,13 +21,13 @@ from __future__ import annotations
 import os
 import select
 from collections.abc import Callable
-from errno import EBADF, EFAULT, EINVAL, ENOENT
+from errno import EBADF, EFAULT, EINVAL, ENODEV, ENOENT, EOVERFLOW
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from vfiomig.hw.memory import Memory
+from vfiomig.hw.memory import PAGE_SIZE, Memory
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import FdTable, File
 from vfiomig.kernel.uaccess import UserArg, user_buffer
@@ -151,14 +151,66 @@ class ModelKernel:
     def close(self, fd: int) -> None:
         self.fdt.close(fd)
 
-    def mmap(self, length: int, backed: bool = True) -> tuple[int, npt.NDArray[np.uint8] | None]:
+    def mmap(
+        self, length: int, backed: bool = True, *, fd: int | None = None, offset: int = 0
+    ) -> tuple[int, npt.NDArray[np.uint8] | None]:
         """Anonymous user memory: (address, writable numpy view of its bytes or None).
 
         A length the address space (TASK_SIZE_MAX) or the host cannot hold is ENOMEM, as
-        mmap(2) answers."""
+        mmap(2) answers. With `fd` (a memfd), a shared mapping of the file from `offset`:
+        its bytes are the file's, as every other mapping and iommufd's pinned pages see them
+        (`backed` does not apply)."""
+        if fd is not None:
+            return self._mmap_file(length, fd, offset)
         if not isinstance(length, int):
             raise err(EINVAL)
         r = self.mm.mmap(length, bool(backed))
+        return r.addr, r.data
+
+    def memfd_create(self, name: str | bytes, flags: int = 0) -> int:
+        """memfd_create(2): an anonymous shmem file of size 0, open O_RDWR (kernel/memfd.py).
+        Bad flags or a name longer than 249 bytes are EINVAL, a name that is no string
+        EFAULT, MFD_HUGETLB ENOSYS (no hugetlbfs in the model), no free fd EMFILE."""
+        from vfiomig.kernel.memfd import memfd_create
+
+        f = memfd_create(name, flags)
+        try:
+            return self.fdt.install(f)
+        except OSError:
+            f.release()
+            raise
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        """ftruncate(2) (fs/open.c do_sys_ftruncate): a negative length is EINVAL before the
+        fd is looked up (EBADF); anything but a memfd is not a regular file here: EINVAL."""
+        from vfiomig.kernel.memfd import MAX_LFS_FILESIZE, MemfdFile
+
+        if not isinstance(length, int) or not 0 <= length <= MAX_LFS_FILESIZE:
+            raise err(EINVAL)  # a loff_t: past 2^63 - 1 it is negative
+        f = self.fdt.get(fd)
+        if not isinstance(f, MemfdFile):
+            raise err(EINVAL)
+        f.truncate(length)
+
+    def _mmap_file(
+        self, length: int, fd: int, offset: int
+    ) -> tuple[int, npt.NDArray[np.uint8] | None]:
+        """mmap(MAP_SHARED) of a file: the region shares the file's bytes (sys_mmap's offset
+        check EINVAL, then the fd EBADF, then do_mmap: no length EINVAL, no ->mmap ENODEV,
+        the page offset overflowing EOVERFLOW). Only a memfd has ->mmap in the model."""
+        from vfiomig.kernel.memfd import MAX_LFS_FILESIZE, MemfdFile, page_align
+
+        if not isinstance(offset, int) or offset < 0 or offset % PAGE_SIZE:
+            raise err(EINVAL)
+        f = self.fdt.get(fd)
+        if not isinstance(length, int) or length <= 0:
+            raise err(EINVAL)
+        if not isinstance(f, MemfdFile):
+            raise err(ENODEV)
+        size = page_align(length)
+        if offset + size > MAX_LFS_FILESIZE:
+            raise err(EOVERFLOW)
+        r = self.mm.map_data(f.pages(offset, size), offset)  # ENOMEM
         return r.addr, r.data
 
     def munmap(self, addr: int) -> None:

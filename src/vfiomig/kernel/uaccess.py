@@ -128,6 +128,8 @@ class UserPtr(UserArg):
         addr = self.addr
         while len(out) < n:
             chunk = min(n - len(out), PAGE_SIZE - addr % PAGE_SIZE)
+            if not access_ok(addr, chunk):
+                raise err(EFAULT)
             part = self.mm.read(addr, chunk)  # EFAULT: unreadable before the NUL
             nul = part.find(b"\0")
             if nul >= 0:
@@ -137,14 +139,24 @@ class UserPtr(UserArg):
         raise err(EINVAL)
 
 
+def access_ok(addr: int, size: int) -> bool:
+    """access_ok(): the range lies below TASK_SIZE_MAX. Above it are kernel addresses (the
+    model's pinned file pages, hw/memory.py KERNEL_BASE), never reached through a pointer."""
+    return 0 <= addr and addr + size <= TASK_SIZE_MAX
+
+
 def user_read(mm: Memory, addr: int, n: int) -> bytes:
     """copy_from_user through a pointer field."""
     if n == 0:
         return b""
+    if not access_ok(addr, n):
+        raise err(EFAULT)
     return mm.read(addr, n)
 
 
 def user_write(mm: Memory, addr: int, data: bytes) -> None:
     """copy_to_user through a pointer field."""
     if data:
+        if not access_ok(addr, len(data)):
+            raise err(EFAULT)
         mm.write(addr, data)

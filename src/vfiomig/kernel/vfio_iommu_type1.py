@@ -338,8 +338,9 @@ class VfioIommuType1:
 
     def _pin_map(self, dma: VfioDma, domains: list[VfioDomain]) -> None:
         """vfio_pin_map_dma / the replay: pin the user pages and map them in `domains`.
-        Pinning an address the process has not mapped fails as pin_user_pages: EFAULT."""
-        if not self.mm.contains(dma.vaddr, dma.size):
+        Pinning an address the process has not mapped fails as pin_user_pages: EFAULT
+        (also a kernel address past TASK_SIZE_MAX: access_ok)."""
+        if not access_ok(dma.vaddr, dma.size) or not self.mm.contains(dma.vaddr, dma.size):
             raise err(EFAULT)
         for d in domains:
             _hw_map(d.domain, dma)
@@ -910,7 +911,7 @@ class VfioIommuType1:
                     dma.pfns[iova] += 1
                     pages.append(vaddr)
                     continue
-                if not self.mm.contains(vaddr, PAGE_SIZE):
+                if not access_ok(vaddr, PAGE_SIZE) or not self.mm.contains(vaddr, PAGE_SIZE):
                     raise err(EFAULT)  # vaddr_get_pfns: nothing to pin there
                 dma.pfns[iova] = 1
                 pages.append(vaddr)
@@ -963,6 +964,8 @@ class VfioIommuType1:
             offset = iova - dma.iova
             count = min(len(buf) - done, dma.size - offset)
             vaddr = dma.vaddr + offset
+            if not access_ok(vaddr, count):
+                raise err(EFAULT)
             try:
                 view = self.mm.view(vaddr, count)
             except OSError:
@@ -1032,6 +1035,8 @@ def _iova_resv_exclude(
 
 def _user_view(mm: Memory, addr: int, n: int) -> npt.NDArray[np.uint8]:
     """copy_{from,to}_user through a pointer field: EFAULT unless all bytes exist."""
+    if not access_ok(addr, n):
+        raise err(EFAULT)
     try:
         return mm.view(addr, n)
     except OSError:

@@ -53,7 +53,7 @@ from vfiomig.kernel.bitops import U64_MAX, ULONG_MAX
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import File
 from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
-from vfiomig.kernel.uaccess import UserArg
+from vfiomig.kernel.uaccess import UserArg, user_read
 from vfiomig.kernel.vfio_fsm import MIG_PRE_COPY, RUNNING
 from vfiomig.kernel.vfio_migration import ResumingFile, SavingFile, mig_set_state
 from vfiomig.uapi import vfio as v
@@ -419,7 +419,7 @@ def _read_log_ranges(
     nodes: list[tuple[int, int, int]] = []
     for i in range(nnodes):
         try:
-            raw = mm.read(ptr + _LOG_RANGE_SIZE * i, _LOG_RANGE_SIZE)
+            raw = user_read(mm, ptr + _LOG_RANGE_SIZE * i, _LOG_RANGE_SIZE)
         except OSError:
             raise err(EFAULT) from None
         node = v.vfio_device_feature_dma_logging_range.from_buffer_copy(raw)

@@ -17,7 +17,7 @@ has pinned; it must unpin (vfio_iommufd_emulated_unmap -> ops->dma_unmap).
 
 from __future__ import annotations
 
-from errno import EFAULT, EINVAL, ENOENT, EOVERFLOW, EPERM
+from errno import EINVAL, ENOENT, EOVERFLOW, EPERM
 from typing import TYPE_CHECKING, Any
 
 from vfiomig.hw.memory import PAGE_SIZE
@@ -93,17 +93,18 @@ class IommufdAccess(IommufdObject):
     def pin_pages(self, iova: int, length: int, write: bool = True) -> list[tuple[int, int]]:
         """iommufd_access_pin_pages: the user memory under [iova, iova+length)."""
         pieces = self._walk(iova, length, write)
-        mm = self.ictx.kernel.mm
+        assert self.ioas is not None
+        iopt = self.ioas.iopt
         out = []
         for i, (area, cur, plast) in enumerate(pieces):
             # iopt_area_contig_is_aligned: whole pages, except at the two ends
-            if area.uva(cur) % PAGE_SIZE or (
-                i < len(pieces) - 1 and (area.uva(area.last) + 1) % PAGE_SIZE
+            if area.byte(cur) % PAGE_SIZE or (
+                i < len(pieces) - 1 and (area.byte(area.last) + 1) % PAGE_SIZE
             ):
                 raise err(EINVAL)
-            uva = area.uva(cur)
-            if not mm.contains(uva, plast - cur + 1):
-                raise err(EFAULT)
+            assert area.pages is not None
+            # user pages: EFAULT if unmapped; file pages: EINVAL if not pinnable
+            uva = iopt.pin_range(area.pages, area.byte(cur), plast - cur + 1)
             out.append((uva, plast - cur + 1))
         for area, _cur, _plast in pieces:
             area.num_accesses += 1
@@ -125,14 +126,15 @@ class IommufdAccess(IommufdObject):
         checks happen and no bytes move, for unbacked memory."""
         length = data if isinstance(data, int) else len(data)
         pieces = self._walk(iova, length, write)
+        assert self.ioas is not None
+        iopt = self.ioas.iopt
         mm = self.ictx.kernel.mm
         out = bytearray()
         off = 0
         for area, cur, plast in pieces:
             n = plast - cur + 1
-            uva = area.uva(cur)
-            if not mm.contains(uva, n):
-                raise err(EFAULT)
+            assert area.pages is not None
+            uva = iopt.pin_range(area.pages, area.byte(cur), n)
             if write:
                 if not isinstance(data, int):
                     mm.write(uva, data[off : off + n])  # EFAULT on unbacked memory

@@ -10,7 +10,7 @@ translated and dirty-tracked by that HWPT's IO page table; detaching blocks its 
 
 from __future__ import annotations
 
-from errno import EFAULT, EINVAL, ENOENT, EOPNOTSUPP
+from errno import EFAULT, EINVAL, ENODEV, ENOENT, EOPNOTSUPP
 from typing import Any
 
 from vfiomig.kernel.errors import err
@@ -24,6 +24,7 @@ from vfiomig.kernel.iommufd.main import (
     Ucmd,
     register,
 )
+from vfiomig.kernel.uaccess import access_ok
 from vfiomig.uapi import iommufd as u
 
 
@@ -82,9 +83,18 @@ def _enforce_resv_regions(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
 def _driver_attach(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
     """iommu_attach_group -> ops->attach_dev: a dirty-tracking domain needs a device whose
     IOMMU can track dirty state (intel_iommu: !ssads_supported -> -EINVAL; arm-smmu-v3:
-    no HTTU-HD -> -EINVAL)."""
+    no HTTU-HD -> -EINVAL).
+
+    A HWPT with a FAULT (its domain has an iopf_handler) makes the driver enable I/O page
+    faults for the device, and no modelled device can raise them (no PCI PRI, no stall):
+    VT-d refuses (intel_iommu_attach_device -> iopf_for_domain_set ->
+    intel_iommu_enable_iopf: !info->pri_enabled -> -ENODEV, after paging_domain_compatible);
+    SMMUv3 (arm_smmu_enable_iopf: !master->stall_enabled) and AMD
+    (amd_iommu_iopf_add_device: !dev_data->pri_enabled) attach without it."""
     if hwpt.domain.has_dirty_ops and not idev.dirty_capable:
         raise err(EINVAL)
+    if hwpt.fault is not None and iommu_driver(idev.ictx.kernel).vendor == "vtd":
+        raise err(ENODEV)
 
 
 def _hw_attach(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
@@ -248,6 +258,8 @@ def iommufd_get_hw_info(ucmd: Ucmd) -> int:
     copy_len = min(cmd.data_len, len(data))
     mm = ucmd.ictx.kernel.mm
     try:
+        if cmd.data_len and not access_ok(cmd.data_uptr, cmd.data_len):
+            raise err(EFAULT)
         if copy_len:
             mm.write(cmd.data_uptr, data[:copy_len])
         if copy_len < cmd.data_len:  # clear_user of the rest of a larger buffer

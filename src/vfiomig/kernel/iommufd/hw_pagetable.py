@@ -24,6 +24,7 @@ from vfiomig.uapi import iommufd as u
 
 if TYPE_CHECKING:
     from vfiomig.kernel.iommufd.device import IommufdDevice
+    from vfiomig.kernel.iommufd.eventq import IommufdFault
     from vfiomig.kernel.iommufd.ioas import IommufdIoas
 
 _VALID_PAGING_FLAGS = (
@@ -46,14 +47,18 @@ class IommufdHwptPaging(IommufdObject):
         self.nest_parent = bool(flags & u.IOMMU_HWPT_ALLOC_NEST_PARENT)
         self.auto_domain = False
         self.in_ioas = False  # on ioas.hwpt_list / in the iopt's domains
+        self.fault: IommufdFault | None = None  # hwpt->fault (IOMMU_HWPT_FAULT_ID_VALID)
 
     def destroy(self) -> None:
-        """iommufd_hwpt_paging_destroy."""
+        """iommufd_hwpt_paging_destroy (and __iommufd_hwpt_destroy: the fault's user)."""
         if self.in_ioas:
             self.ioas.hwpt_list.remove(self)
             self.ioas.iopt.table_remove_domain(self.domain)
             self.in_ioas = False
         self.ioas.users -= 1
+        if self.fault is not None:
+            self.fault.users -= 1
+            self.fault = None
 
 
 def iommufd_hwpt_paging_alloc(
@@ -107,6 +112,7 @@ def iommufd_get_hwpt_paging(ictx: IommufdCtx, hwpt_id: int) -> IommufdHwptPaging
 @register(u.IOMMU_HWPT_ALLOC, u.iommu_hwpt_alloc, 24)
 def iommufd_hwpt_alloc(ucmd: Ucmd) -> int:
     from vfiomig.kernel.iommufd.device import IommufdDevice
+    from vfiomig.kernel.iommufd.eventq import iommufd_get_fault
     from vfiomig.kernel.iommufd.ioas import IommufdIoas
 
     cmd = ucmd.cmd
@@ -134,9 +140,14 @@ def iommufd_hwpt_alloc(ucmd: Ucmd) -> int:
     else:
         raise err(EINVAL)
     if cmd.flags & u.IOMMU_HWPT_FAULT_ID_VALID:
-        # No FAULT object exists in the model (IOMMU_FAULT_QUEUE_ALLOC is not modelled).
-        ictx.remove(hwpt)
-        raise err(ENOENT)
+        # iommufd_get_fault: missing or not a FAULT, ENOENT (the new HWPT is taken back).
+        try:
+            fault = iommufd_get_fault(ictx, cmd.fault_id)
+        except OSError:
+            ictx.remove(hwpt)
+            raise
+        hwpt.fault = fault  # the domain's iopf_handler delivers to it
+        fault.users += 1
     cmd.out_hwpt_id = hwpt.id
     try:
         ucmd.respond()

@@ -3,7 +3,8 @@
 Follows drivers/iommu/iommufd/io_pagetable.c (and the parts of pages.c it relies on):
 
 * An *area* maps [iova, last] to a slice of an `IoptPages` (the user memory one IOAS_MAP
-  pinned; IOAS_COPY makes areas that share the source's pages). Areas never overlap.
+  pinned, or the file pages of one IOAS_MAP_FILE; IOAS_COPY makes areas that share the
+  source's pages). Areas never overlap.
 * *Reserved* ranges (outside a domain's aperture, a device's MSI window) and the *allowed*
   list (IOMMU_IOAS_ALLOW_IOVAS) constrain where IOVA may go.
 * Every area is mapped into every domain (hw IO page table) of the IOAS. Pages are pinned,
@@ -20,6 +21,7 @@ the user's dirty bitmap (numpy views); see dirty handling at the end and iova_bi
 from __future__ import annotations
 
 import bisect
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from errno import (
@@ -43,9 +45,11 @@ from vfiomig.kernel.bitops import U64_MAX, ULONG_MAX
 from vfiomig.kernel.bitops import __ffs as ffs
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
+from vfiomig.kernel.uaccess import access_ok
 
 if TYPE_CHECKING:
     from vfiomig.hw.memory import Memory
+    from vfiomig.kernel.fs import FdTable, File
     from vfiomig.kernel.iommufd.access import IommufdAccess
 
 SIZE_MAX = U64_MAX
@@ -70,17 +74,54 @@ def roundup_pow_of_two(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+class FilePin:
+    """What pages of a file hold (pages->file): a reference on the file (get_file) and,
+    once pinned, the kernel address their pages are mapped at (hw/memory.py map_data).
+    Dropped with the pages (iopt_release_pages: fput), through a weakref finalizer."""
+
+    def __init__(self, file: File) -> None:
+        self.file = file
+        file.refs += 1  # get_file
+        self.kaddr: int | None = None
+        self.mm: Memory | None = None
+
+    def release(self) -> None:
+        if self.mm is not None and self.kaddr is not None:
+            self.mm.munmap(self.kaddr)
+        self.file.refs -= 1  # fput
+        if self.file.refs == 0:
+            self.file.release()
+
+
 @dataclass(eq=False)
 class IoptPages:
-    """struct iopt_pages: user memory of one mapping. `uptr` is page aligned."""
+    """struct iopt_pages: the memory of one mapping, in whole pages: user memory from the
+    page-aligned `uptr` (IOPT_ADDRESS_USER) or, with `pin`, a file's pages from its offset
+    `start` (IOPT_ADDRESS_FILE; uptr is unused)."""
 
     uptr: int
     npages: int
     writable: bool
+    start: int = 0
+    pin: FilePin | None = None
 
     @property
     def end(self) -> int:
         return self.uptr + self.npages * PAGE_SIZE
+
+    @property
+    def origin(self) -> int:
+        """What an allocated IOVA keeps the alignment of (iopt_alloc_area_pages): the user
+        address, or the file offset for file pages."""
+        return self.start if self.pin is not None else self.uptr
+
+    def addr(self, byte: int) -> int:
+        """The address (in the Memory) of byte `byte` of the pages: a user address, or the
+        kernel address of the pinned file pages (pin them first: iopt_pin_file_pages)."""
+        if self.pin is None:
+            return self.uptr + byte
+        assert self.pin.kaddr is not None
+        return self.pin.kaddr + byte
 
 
 def iopt_alloc_user_pages(uptr: int, length: int, writable: bool) -> IoptPages:
@@ -92,6 +133,41 @@ def iopt_alloc_user_pages(uptr: int, length: int, writable: bool) -> IoptPages:
     start_byte = uptr % PAGE_SIZE
     npages = (start_byte + length + PAGE_SIZE - 1) // PAGE_SIZE
     return IoptPages(uptr - start_byte, npages, writable)
+
+
+def iopt_alloc_file_pages(
+    file: File, start_byte: int, start: int, length: int, writable: bool
+) -> IoptPages:
+    """pages.c iopt_alloc_file_pages + iopt_alloc_pages: the file is referenced, nothing is
+    pinned and the file's type is not looked at yet (memfd_pin_folios does, when a domain
+    or an access needs the pages)."""
+    if length > SIZE_MAX - PAGE_SIZE or length == 0:
+        raise err(EINVAL)
+    npages = (start_byte + length + PAGE_SIZE - 1) // PAGE_SIZE
+    pages = IoptPages(0, npages, writable, start - start_byte, FilePin(file))
+    assert pages.pin is not None
+    weakref.finalize(pages, pages.pin.release)
+    return pages
+
+
+def iopt_pin_file_pages(mm: Memory, pages: IoptPages, byte: int, length: int) -> None:
+    """pfn_reader_user_pin -> memfd_pin_folios (mm/gup.c) over bytes [byte, byte + length)
+    of file pages: only a shmem or hugetlbfs file has folios to pin (EINVAL otherwise), and
+    only below its size (shmem_get_folio_gfp: an index at or past i_size is EINVAL). The
+    first pin maps the pages at a kernel address, where DMA reaches the file's bytes."""
+    from vfiomig.kernel.memfd import MemfdFile
+
+    assert pages.pin is not None
+    f = pages.pin.file
+    if not isinstance(f, MemfdFile):
+        raise err(EINVAL)
+    last_index = (pages.start + byte + length - 1) // PAGE_SIZE
+    if last_index * PAGE_SIZE >= f.size:
+        raise err(EINVAL)
+    if pages.pin.kaddr is None:
+        view = f.pages(pages.start, pages.npages * PAGE_SIZE)
+        pages.pin.kaddr = mm.map_data(view, pages.start, kernel=True).addr
+        pages.pin.mm = mm
 
 
 @dataclass(eq=False)
@@ -115,10 +191,15 @@ class IoptArea:
     def page_offset(self) -> int:
         return self.start_byte % PAGE_SIZE
 
+    def byte(self, iova: int) -> int:
+        """The byte of the pages iova maps to (iopt_area_start_byte)."""
+        return self.start_byte + (iova - self.iova)
+
     def uva(self, iova: int) -> int:
-        """The user address iova maps to (iopt_area_start_byte + pages->uptr)."""
+        """The address iova maps to (iopt_area_start_byte + pages->uptr; file pages must
+        be pinned)."""
         assert self.pages is not None
-        return self.pages.uptr + self.start_byte + (iova - self.iova)
+        return self.pages.addr(self.byte(iova))
 
 
 @dataclass
@@ -317,7 +398,7 @@ class IoPagetable:
             raise err(EINVAL)
         if iova is None:
             first = elms[0]
-            iova = self.alloc_iova(first.pages.uptr + first.start_byte, length)
+            iova = self.alloc_iova(first.pages.origin + first.start_byte, length)
         else:
             self.check_iova(iova, length)
         cur = iova
@@ -350,6 +431,20 @@ class IoPagetable:
         pages = iopt_alloc_user_pages(uptr, length, bool(prot & IOMMU_WRITE))
         return self.map_pages([PagesSlice(pages, uptr - pages.uptr, length)], length, iova, prot)
 
+    def map_file_pages(
+        self, fdt: FdTable, fd: int, start: int, length: int, iova: int | None, prot: int
+    ) -> int:
+        """iopt_map_file_pages: [start, start + length) of the file at `fd`. The model has
+        no dma-buf, so dma_buf_get(fd) always fails and the fd is taken as a file."""
+        if not length:
+            raise err(EINVAL)
+        if start + length - 1 > ULONG_MAX:  # check_add_overflow(start, length - 1)
+            raise err(EOVERFLOW)
+        start_byte = start % PAGE_SIZE
+        file = fdt.get(fd)  # fget: EBADF
+        pages = iopt_alloc_file_pages(file, start_byte, start, length, bool(prot & IOMMU_WRITE))
+        return self.map_pages([PagesSlice(pages, start_byte, length)], length, iova, prot)
+
     def get_pages(self, iova: int, length: int) -> list[PagesSlice]:
         """iopt_get_pages: the slices of pages under a contiguous IOVA range (IOAS_COPY)."""
         if not length:
@@ -369,10 +464,18 @@ class IoPagetable:
     # -- domains ---------------------------------------------------------------------
 
     def _pin(self, area: IoptArea, pages: IoptPages) -> int:
-        """Pinning the user pages behind an area: they must be mapped (EFAULT otherwise).
-        Returns the user address of the area's first byte."""
-        uva = pages.uptr + area.start_byte
-        if not self.mm.contains(uva, area.length):
+        """Pinning the pages behind an area: user pages must be mapped at a user address
+        (EFAULT otherwise), file pages must be pinnable (EINVAL, iopt_pin_file_pages).
+        Returns the address of the area's first byte."""
+        return self.pin_range(pages, area.start_byte, area.length)
+
+    def pin_range(self, pages: IoptPages, byte: int, length: int) -> int:
+        """The address of bytes [byte, byte + length) of `pages`, pinned (see _pin)."""
+        if pages.pin is not None:
+            iopt_pin_file_pages(self.mm, pages, byte, length)
+            return pages.addr(byte)
+        uva = pages.uptr + byte
+        if not access_ok(uva, length) or not self.mm.contains(uva, length):
             raise err(EFAULT)
         return uva
 

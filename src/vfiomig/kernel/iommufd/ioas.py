@@ -173,6 +173,44 @@ def iommufd_ioas_map(ucmd: Ucmd) -> int:
     return 0
 
 
+@register(u.IOMMU_IOAS_MAP_FILE, u.iommu_ioas_map_file, 40)
+def iommufd_ioas_map_file(ucmd: Ucmd) -> int:
+    """ioas.c iommufd_ioas_map_file: the checks of IOAS_MAP (there is no __reserved; `fd`
+    sits in its place), the IOAS, then iopt_map_file_pages: no length EINVAL, start +
+    length - 1 overflowing EOVERFLOW, the fd EBADF, then the map as for user memory. The
+    file is pinned when a domain or access needs it: a file that is no memfd, or a range
+    past its end, fails there (EINVAL), so not at all while the IOAS has no domain."""
+    cmd = ucmd.cmd
+    _check_map_cmd(cmd.flags, cmd.iova, cmd.length)
+    ioas = iommufd_get_ioas(ucmd.ictx, cmd.ioas_id)
+    cmd.iova = ioas.iopt.map_file_pages(
+        ucmd.ictx.kernel.fdt,
+        cmd.fd,
+        cmd.start,
+        cmd.length,
+        _alloc_or(cmd.flags, cmd.iova),
+        conv_iommu_prot(cmd.flags),
+    )
+    ucmd.respond()
+    return 0
+
+
+@register(u.IOMMU_IOAS_CHANGE_PROCESS, u.iommu_ioas_change_process, 8)
+def iommufd_ioas_change_process(ucmd: Ucmd) -> int:
+    """ioas.c iommufd_ioas_change_process: __reserved EOPNOTSUPP; any area of any IOAS
+    that is not a file's pages (IOPT_ADDRESS_FILE) EINVAL, nothing changed; else the
+    pinned-page charge moves to the calling process. The model has one process, which
+    already carries the charge (need_charge_update is false): success, no change."""
+    if ucmd.cmd.__reserved:
+        raise err(EOPNOTSUPP)
+    for obj in sorted(ucmd.ictx.objects.values(), key=lambda o: o.id):
+        if isinstance(obj, IommufdIoas):  # iommufd_take_all_iova_rwsem, in id order
+            for area in obj.iopt.areas:
+                if area.pages is None or area.pages.pin is None:
+                    raise err(EINVAL)
+    return 0
+
+
 @register(u.IOMMU_IOAS_COPY, u.iommu_ioas_copy, 40)
 def iommufd_ioas_copy(ucmd: Ucmd) -> int:
     cmd = ucmd.cmd

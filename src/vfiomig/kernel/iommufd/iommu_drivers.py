@@ -84,6 +84,14 @@ class IommuDriver:
             efr |= 1 << 52
         return bytes(u.iommu_hw_info_amd(efr=efr, efr2=0))
 
+    def viommu_size(self, viommu_type: int) -> int:
+        """ops->get_viommu_size: 0 (or no such op) means no vIOMMU of that type here.
+        intel/iommu.c and amd/iommu.c have no vIOMMU type in the 7.2 uAPI. SMMUv3
+        (arm-smmu-v3-iommufd.c arm_smmu_get_viommu_size) needs FEAT_NESTING and then a
+        fully coherent master (arm_smmu_master_canwbs) or S2FWB: the modelled SMMUv3 has
+        no S2FWB (IDR3.FWB = 0 in hw_info) and its devices are not DMA-coherent, so 0."""
+        return 0
+
     def check_paging_flags(self, flags: int, user_data: bool) -> None:
         """ops->domain_alloc_paging_flags: what the driver refuses (EOPNOTSUPP)."""
         if user_data:  # no driver takes user data for a paging domain

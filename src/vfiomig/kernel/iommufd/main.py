@@ -5,8 +5,9 @@ from 1; lookup with the wrong id or type is ENOENT; an object something else sti
 cannot be destroyed (EBUSY); closing the file destroys everything, leaf-first.
 
 The command handlers live in one module per object, as in the kernel (ioas.py,
-hw_pagetable.py, device.py, vfio_compat.py); each registers its ops in IOCTL_OPS with
-`@register(ioctl_num, struct, min_size)`. `load_ops()` imports them.
+hw_pagetable.py, device.py, eventq.py, viommu.py, vfio_compat.py); each registers its ops in
+IOCTL_OPS with `@register(ioctl_num, struct, min_size)`, min_size being the kernel's
+offsetofend(struct, last) of main.c's IOCTL_OP table. `load_ops()` imports them.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ IOPT_PAGES_ACCOUNT_MM = 2  # the mm's locked_vm, as VFIO type1 does
 class IommufdCtx:
     """struct iommufd_ctx."""
 
-    def __init__(self, kernel: ModelKernel) -> None:
+    def __init__(self, kernel: ModelKernel, file: File | None = None) -> None:
         self.kernel = kernel
+        self.file = file  # ictx->file: what iommufd_ctx_get references
         self.objects: dict[int, IommufdObject] = {}
         self.vfio_ioas: IommufdIoas | None = None  # the compat IOAS (IOMMU_VFIO_IOAS)
         self.account_mode = IOPT_PAGES_ACCOUNT_USER
@@ -188,9 +190,11 @@ def load_ops() -> None:
         return
     from vfiomig.kernel.iommufd import (  # noqa: F401
         device,
+        eventq,
         hw_pagetable,
         ioas,
         vfio_compat,
+        viommu,
     )
 
     _LOADED = True
@@ -199,7 +203,7 @@ def load_ops() -> None:
 class IommufdFile(File):
     def __init__(self, kernel: ModelKernel) -> None:
         super().__init__()
-        self.ictx = IommufdCtx(kernel)
+        self.ictx = IommufdCtx(kernel, self)
 
     def ioctl(self, cmd: int, arg: UserArg | int) -> int:
         """iommufd_fops_ioctl."""
