@@ -287,3 +287,32 @@ def test_the_kernel_address_of_pinned_file_pages_is_no_user_pointer() -> None:
     info = sized(u.iommu_hw_info, dev_id=w.dev.devid, data_uptr=kaddr, data_len=64)
     assert w.e(u.IOMMU_GET_HW_INFO, info) == E.EFAULT
     assert (w.view[:K4] == 0x11).all()
+    # GET_DIRTY_BITMAP's bitmap pointer: no bit lands in the pinned file pages either
+    dirty = sized(
+        u.iommu_hwpt_set_dirty_tracking, flags=u.IOMMU_HWPT_DIRTY_TRACKING_ENABLE, hwpt_id=w.hwpt
+    )
+    assert w.e(u.IOMMU_HWPT_SET_DIRTY_TRACKING, dirty) == 0
+    w.k.device(w.dev.path).dma_write(BASE, b"\x22" * K4)
+    bm = sized(
+        u.iommu_hwpt_get_dirty_bitmap,
+        hwpt_id=w.hwpt,
+        iova=BASE,
+        length=K4 * 64,
+        page_size=K4,
+        data=kaddr,
+    )
+    w.e(u.IOMMU_HWPT_GET_DIRTY_BITMAP, bm)
+    assert (w.view[:8] == 0x22).all() and (w.view[8:K4] == 0x22).all()
+
+
+def test_a_dma_log_report_cannot_pin_a_kernel_address() -> None:
+    """VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT pins its bitmap (iova_bitmap_get ->
+    pin_user_pages_fast): a kernel address, such as pinned file pages, is EFAULT."""
+    from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
+
+    w = World()
+    kaddr = w.k.mm.regions_in(KERNEL_BASE, 1 << 62)[0].addr
+    bm = IovaBitmap(w.k.mm, BASE, K4 * 64, K4, kaddr)
+    with pytest.raises(OSError) as e:
+        bm.pin_run(K4 * 64)
+    assert e.value.errno == E.EFAULT

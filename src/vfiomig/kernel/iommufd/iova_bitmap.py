@@ -48,6 +48,7 @@ from vfiomig.hw.memory import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE_MAX
 from vfiomig.kernel.bitops import U64_MAX
 from vfiomig.kernel.bitops import __ffs as _ffs
 from vfiomig.kernel.errors import err
+from vfiomig.kernel.uaccess import access_ok
 
 if TYPE_CHECKING:
     from vfiomig.hw.memory import Memory
@@ -313,6 +314,8 @@ class IovaBitmap:
         """Pin the bitmap as iova_bitmap_get does: the pages pinnable in one run from its
         start (EFAULT when not even the first one is). From now on only bits in them land.
         Returns the IOVA (at most `length`) those bits cover: what the driver is asked."""
+        if not access_ok(self.data, 1):  # a kernel address is no user page to pin
+            raise err(EFAULT)
         try:
             r = self.mm.region(self.data, 1)
         except OSError:
