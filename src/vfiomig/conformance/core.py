@@ -146,7 +146,12 @@ def kernel_release_at_least(release: str, major: int, minor: int) -> bool:
 
 
 class Ctx:
-    """Open devices and helpers shared by the checks."""
+    """The devices one check runs on, opened for it, and helpers shared by the checks.
+
+    The runner builds a new Ctx for every check (iommufd, IOAS and devices opened anew, as a
+    user would, and all closed after it), so no check sees what an earlier one left behind:
+    a driver's per-open state (hisi_acc's latched match check, the PRECOPY_INFOv2 opt-in)
+    starts fresh for each."""
 
     def __init__(self, target: Target, stack: ExitStack) -> None:
         self.target = target
@@ -158,9 +163,8 @@ class Ctx:
         self.a = self.open_device(target.primary)
         self.b = self.open_device(target.secondary) if target.secondary else None
         self.files: list[MigrationFile] = []
-        # per device: the state last set or seen, and how many resumes completed
+        # per device: the state last set or seen
         self.last: dict[str, int] = {}
-        self.loaded: dict[str, int] = {}
         self._flags: int | None = None
         self._stream: Stream | None = None
         # The state each device was in right after it was opened (before any check).
@@ -199,6 +203,19 @@ class Ctx:
         if not self.flags & flag:
             raise Skip(f"the device does not advertise {flag.name} ({what})")
 
+    def reopen(self, dev: VfioDevice) -> VfioDevice:
+        """Settle the devices, close ``dev`` and open it again, bound and attached as before:
+        what a destination VMM resumes into is a freshly opened device."""
+        self.settle()
+        dev.close()
+        self.last.pop(dev.path, None)
+        new = self.open_device(dev.path)
+        if dev is self.a:
+            self.a = new
+        elif dev is self.b:
+            self.b = new
+        return new
+
     def need_b(self) -> VfioDevice:
         if self.b is None:
             raise Skip("needs a second device of the same kind (--device2, or a model)")
@@ -212,10 +229,7 @@ class Ctx:
         return f
 
     def set(self, dev: VfioDevice, state: int) -> MigrationFile | None:
-        was = self.last.get(dev.path)
         f = self.keep(dev.set_state(state))
-        if was == S.RESUMING and state != S.RESUMING:
-            self.loaded[dev.path] = self.loaded.get(dev.path, 0) + 1
         self.last[dev.path] = state
         return f
 

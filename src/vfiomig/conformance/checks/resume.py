@@ -3,7 +3,7 @@ refused, recovery through reset and from ERROR."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from errno import EINVAL, ENODEV
 from functools import partial
@@ -124,7 +124,8 @@ def _device_changes(ctx: Ctx, notes: list[str]) -> Iterator[Callable[[], None] |
 
 @check(
     "resume-rejects-bad-streams",
-    "truncated / corrupted / mismatched resume streams are refused (write error or EINVAL on RESUMING -> STOP)",
+    "truncated / corrupted / mismatched resume streams are refused (write error or EINVAL on "
+    "RESUMING -> STOP), each by a freshly opened device",
 )
 def c_bad_streams(ctx: Ctx) -> str:
     dev = ctx.b or ctx.a
@@ -149,35 +150,69 @@ def c_bad_streams(ctx: Ctx) -> str:
         skipped.append("mismatched (needs a differently configured device of the same kind)")
     verdicts: list[str] = []
     for name, stream in cases:
-        ctx.settle()
-        before = ctx.loaded.get(dev.path, 0)
-        r = ctx.open_session(dev, S.RESUMING)
-        write_err = 0
-        size = 0
-        try:
-            for chunk in stream():
-                size += len(chunk)
-                r.write_all(chunk)
-        except VfioError as e:
-            write_err = e.errno or -1
-        code = probe_errno(lambda: ctx.set(dev, S.STOP))
-        if code == 0 and write_err == 0:
-            hint = (
-                f"; the device had loaded {before} stream(s) since it was opened" if before else ""
-            )
-            raise Fail(
-                f"accepted a {name} resume stream ({size} bytes): RESUMING -> STOP succeeded{hint}"
-            )
-        if code == 0:
-            verdicts.append(f"{name}: write {errno_name(write_err)}")
-            continue
-        got = ctx.state(dev)
-        if got not in (S.RESUMING, S.ERROR):
-            raise Fail(f"after refusing a {name} stream the device is in {state_name(got)}")
-        how = f"write {errno_name(write_err)}, " if write_err else ""
-        verdicts.append(f"{name}: {how}STOP {errno_name(code)}")
+        # Each stream goes to a device opened for it, as a destination VMM's would be: what
+        # the device remembers from an earlier resume in the same open is another check's
+        # subject (resume-rechecks-each-session).
+        dev = ctx.reopen(dev)
+        verdicts.append(_refused(ctx, dev, name, stream(), ""))
     tail = f"; skipped {', '.join(skipped)}" if skipped else ""
     return "; ".join(verdicts) + tail
+
+
+def _refused(ctx: Ctx, dev: VfioDevice, name: str, stream: Iterable[bytes], hint: str) -> str:
+    """From RUNNING, resume ``stream`` on ``dev``: it must be refused (a write error, or an
+    error on RESUMING -> STOP that leaves the device in RESUMING or ERROR). How it was."""
+    r = ctx.open_session(dev, S.RESUMING)
+    write_err = 0
+    size = 0
+    try:
+        for chunk in stream:
+            size += len(chunk)
+            r.write_all(chunk)
+    except VfioError as e:
+        write_err = e.errno or -1
+    code = probe_errno(lambda: ctx.set(dev, S.STOP))
+    if code == 0 and write_err == 0:
+        raise Fail(
+            f"accepted a {name} resume stream ({size} bytes): RESUMING -> STOP succeeded{hint}"
+        )
+    if code == 0:
+        return f"{name}: write {errno_name(write_err)}"
+    got = ctx.state(dev)
+    if got not in (S.RESUMING, S.ERROR):
+        raise Fail(f"after refusing a {name} stream the device is in {state_name(got)}")
+    how = f"write {errno_name(write_err)}, " if write_err else ""
+    return f"{name}: {how}STOP {errno_name(code)}"
+
+
+@check(
+    "resume-rechecks-each-session",
+    "after one resume, a second RESUMING session of the same open still refuses a corrupted "
+    "stream (the compatibility check is not done once per open)",
+)
+def c_recheck(ctx: Ctx) -> str:
+    dev = ctx.b or ctx.a
+    good = ctx.saved_stream()
+    dev = ctx.reopen(dev)
+    r = ctx.open_session(dev, S.RESUMING)
+    try:
+        for chunk in good.chunks():
+            r.write_all(chunk)
+        ctx.set(dev, S.STOP)
+    except VfioError as e:
+        raise Fail(
+            f"a freshly opened device refused a good stream ({good.length} bytes): {e}"
+        ) from e
+    ctx.settle()
+    verdict = _refused(
+        ctx,
+        dev,
+        "corrupted",
+        corrupted(good),
+        " in the second resume of one open (the first resume was good): the device checks "
+        "a stream's compatibility only once per open",
+    )
+    return f"after a good resume in the same open, {verdict}"
 
 
 @check(
