@@ -10,6 +10,7 @@ from vfiomig.conformance.checks import CHECKS
 from vfiomig.conformance.core import (
     FAIL,
     PASS,
+    SETUP_INTERNAL,
     SKIP,
     Check,
     CheckResult,
@@ -17,6 +18,7 @@ from vfiomig.conformance.core import (
     Fail,
     Skip,
     Target,
+    failure,
     internal_error,
 )
 from vfiomig.host import VfioError
@@ -25,6 +27,14 @@ from vfiomig.host.errors import OpenError
 CHECK_NAMES = [name for name, _, _ in CHECKS]
 # Checks that apply to a device without migration; every other one skips on such a device.
 WITHOUT_MIGRATION = frozenset({"migration-flags", "dma-logging-validation", "dma-logging-report"})
+
+SETUP = failure("runner/setup", "the device(s) or the iommufd cannot be opened for the first check")
+REOPEN = failure("runner/reopen", "the device(s) cannot be opened again for a later check")
+TEARDOWN = failure("runner/teardown", "closing the devices, IOAS or iommufd after a check failed")
+UNEXPECTED = failure(
+    "runner/unexpected-error",
+    "an operation a check needs failed with an errno the check does not judge",
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -66,9 +76,8 @@ def _run_fresh(
                     pass
     except Exception as e:
         after = f" after {name}" if opened else ""
-        results.append(
-            CheckResult("teardown", FAIL, f"closing the test objects{after} failed: {e}")
-        )
+        why = f"closing the test objects{after} failed: {e}"
+        results.append(CheckResult("teardown", FAIL, why, failures=[TEARDOWN]))
     return opened
 
 
@@ -82,12 +91,13 @@ def _setup(
     except VfioError as e:
         if check is None:
             why = f"cannot open the device: {e}{_hint(e, target)}"
-            results.append(CheckResult("setup", FAIL, why))
+            results.append(CheckResult("setup", FAIL, why, failures=[SETUP]))
         else:
             why = f"cannot open the device again for this check: {e}{_hint(e, target)}"
-            results.append(CheckResult(check, FAIL, why))
+            results.append(CheckResult(check, FAIL, why, failures=[REOPEN]))
     except Exception as e:  # a kernel that raises something other than OSError
-        results.append(internal_error(check or "setup", e, "setup failed: internal error"))
+        what = "setup failed: internal error"
+        results.append(internal_error(check or "setup", e, what, at=SETUP_INTERNAL))
     return None
 
 
@@ -113,13 +123,12 @@ def _run_one(ctx: Ctx, name: str, fn: Check) -> CheckResult:
         reason = fn(ctx)
         res = CheckResult(name, PASS, reason)
     except Fail as e:
-        res = CheckResult(
-            name, FAIL, str(e.args[0]) if e.args else "failed", [str(a) for a in e.args[1:]]
-        )
+        res = CheckResult(name, FAIL, str(e.args[0]), [str(a) for a in e.args[1:]])
+        res.failures = e.paths
     except Skip as e:
         res = CheckResult(name, SKIP, str(e))
     except VfioError as e:
-        res = CheckResult(name, FAIL, f"unexpected error: {e}")
+        res = CheckResult(name, FAIL, f"unexpected error: {e}", failures=[UNEXPECTED])
     except Exception as e:  # a bug in the suite or the kernel: report, keep going
         res = internal_error(name, e)
     res.seconds = time.perf_counter() - t0
