@@ -74,6 +74,8 @@ def test_clean_reference_device_passes_everything() -> None:
         ("lossy_precopy", "precopy-roundtrip", "lossy pre-copy"),
         ("log_misses_writes", "dma-logging-report", "dirty log misses writes"),
         ("no_einval_blocked_arc", "fsm-blocked-arcs", "no EINVAL on the blocked arc"),
+        ("accepts_truncated", "resume-rejects-bad-streams", "accepted a truncated resume stream"),
+        ("log_not_cleared", "dma-logging-report", "the report did not clear the log"),
     ],
 )
 def test_each_injected_defect_fails_with_a_message_naming_it(
