@@ -385,7 +385,7 @@ def test_a_device_that_cannot_be_opened_is_one_clear_failure(
     host = _Host(missing, busy)
     target = suite.Target(LinuxTransport(host), "/dev/vfio/devices/vfio3", None)
     (res,) = suite.run_suite(target)
-    assert (res.name, res.status) == ("setup", FAIL)
+    assert (res.name, res.status, res.failures) == ("setup", FAIL, ["runner/setup"])
     assert "cannot open the device" in res.reason and phrase in res.reason
     assert host.fds == set()  # what was opened before the failure is closed again
 

@@ -123,8 +123,8 @@ def _run_one(ctx: Ctx, name: str, fn: Check) -> CheckResult:
         reason = fn(ctx)
         res = CheckResult(name, PASS, reason)
     except Fail as e:
-        res = CheckResult(name, FAIL, str(e.args[0]), [str(a) for a in e.args[1:]])
-        res.failures = e.paths
+        details = [str(a) for a in e.args[1:]]
+        res = CheckResult(name, FAIL, str(e.args[0]), details, failures=e.paths)
     except Skip as e:
         res = CheckResult(name, SKIP, str(e))
     except VfioError as e:
