@@ -74,6 +74,8 @@ def test_clean_reference_device_passes_everything() -> None:
         ("lossy_precopy", "precopy-roundtrip", "lossy pre-copy"),
         ("log_misses_writes", "dma-logging-report", "dirty log misses writes"),
         ("no_einval_blocked_arc", "fsm-blocked-arcs", "no EINVAL on the blocked arc"),
+        ("accepts_truncated", "resume-rejects-bad-streams", "accepted a truncated resume stream"),
+        ("log_not_cleared", "dma-logging-report", "the report did not clear the log"),
     ],
 )
 def test_each_injected_defect_fails_with_a_message_naming_it(
@@ -115,15 +117,79 @@ def test_mtty_passes() -> None:
 
 def test_hisi_acc_only_departs_on_its_latched_resume_check() -> None:
     # HiSilicon latches its resume compatibility check (match_done) until the device is
-    # opened again: a second resume within one open accepts a corrupted 40-byte stream.
+    # opened again: a second resume within one open accepts a corrupted 40-byte stream. That
+    # is its own check; every other check opens the devices anew and is not affected.
     res = _results("--model", "hisi_acc")
     failed = {n: r.reason for n, r in res.items() if r.status == FAIL}
-    assert set(failed) == {"resume-rejects-bad-streams"}
-    reason = failed["resume-rejects-bad-streams"]
-    assert "accepted a corrupted resume stream" in reason and "had loaded" in reason
+    assert set(failed) == {"resume-rechecks-each-session"}
+    reason = failed["resume-rechecks-each-session"]
+    assert "accepted a corrupted resume stream" in reason and "once per open" in reason
+    assert res["resume-rejects-bad-streams"].status == PASS
+    assert "corrupted: write EFAULT" in res["resume-rejects-bad-streams"].reason
     assert res["dma-logging-validation"].status == PASS  # ENOTTY without log ops
     assert res["precopy-roundtrip"].status == PASS
     assert res["p2p-quiescence"].status == SKIP
+
+
+def _verdicts(results: list[suite.CheckResult]) -> dict[str, str]:
+    return {r.name: r.status for r in results}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--model", "reference"],
+        ["--model", "hisi_acc"],
+        ["--model", "mtty"],
+        ["--model", "reference", "--defect", "fd_on_wrong_arc", "--defect", "lossy_resume"],
+        ["--model", "reference,migration_flags=5,dma_logging=0"],
+    ],
+)
+def test_verdicts_do_not_depend_on_which_checks_ran_before(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each check opens the devices anew: alone, in the full run and in the reverse order it
+    # gives the same verdict (hisi_acc's latched match check stays its own check's finding).
+    full = _verdicts(suite.run_suite(conf.target_from_args(_args(*argv))))
+    alone = {
+        name: _verdicts(suite.run_suite(conf.target_from_args(_args(*argv)), [name]))[name]
+        for name in suite.CHECK_NAMES
+    }
+    assert alone == full
+    monkeypatch.setattr(runner, "CHECKS", list(reversed(suite.CHECKS)))
+    backwards = _verdicts(suite.run_suite(conf.target_from_args(_args(*argv))))
+    assert list(backwards) == list(reversed(suite.CHECK_NAMES))
+    assert backwards == full
+
+
+def test_each_check_gets_devices_opened_for_it() -> None:
+    # The runner opens /dev/iommu and both devices once per check and closes all of them
+    # before the next one: never two checks' objects at once.
+    target = conf.target_from_args(_args("--model", "reference"))
+    opened: list[str] = []
+    live: set[int] = set()
+    most = 0
+    real_open, real_close = target.transport.open, target.transport.close
+
+    def tracking_open(path: str, flags: int = os.O_RDWR) -> int:
+        nonlocal most
+        fd = real_open(path, flags)
+        opened.append(path)
+        live.add(fd)
+        most = max(most, len(live))
+        return fd
+
+    def tracking_close(fd: int) -> None:
+        live.discard(fd)
+        real_close(fd)
+
+    target.transport.open = tracking_open  # type: ignore[method-assign]
+    target.transport.close = tracking_close  # type: ignore[method-assign]
+    res = suite.run_suite(target, ["initial-state", "mig-data-size", "stream-files"])
+    assert [r.status for r in res] == [PASS] * 3
+    assert opened.count("/dev/iommu") == 3
+    assert opened.count(target.primary) == 3 and opened.count(str(target.secondary)) == 3
+    assert live == set() and most <= 6  # iommufd, 2 devices, a few data fds at most
 
 
 def test_lossy_precopy_passes_the_stop_copy_round_trip_and_fails_the_precopy_one() -> None:
@@ -319,7 +385,7 @@ def test_a_device_that_cannot_be_opened_is_one_clear_failure(
     host = _Host(missing, busy)
     target = suite.Target(LinuxTransport(host), "/dev/vfio/devices/vfio3", None)
     (res,) = suite.run_suite(target)
-    assert (res.name, res.status) == ("setup", FAIL)
+    assert (res.name, res.status, res.failures) == ("setup", FAIL, ["runner/setup"])
     assert "cannot open the device" in res.reason and phrase in res.reason
     assert host.fds == set()  # what was opened before the failure is closed again
 

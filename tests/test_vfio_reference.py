@@ -19,6 +19,7 @@ from conftest import (
     ioas_map,
     report,
     resume_stream,
+    resuming,
     save_stream,
     start,
 )
@@ -313,6 +314,30 @@ def test_defect_no_einval_blocked_arc(make_dev: Callable[..., Dev]) -> None:
     assert good.try_set_state(PRE_COPY)[0] == errno.EINVAL
     assert bad.try_set_state(PRE_COPY)[0] == 0
     assert bad.get_state() == PRE_COPY
+
+
+def test_defect_accepts_truncated(make_dev: Callable[..., Dev]) -> None:
+    src = make_dev(state_size=8 * KB, chunk_size=4 * KB)
+    stream = save_stream(src)
+    half = stream[: len(stream) // 2]  # the DEV record and part of the first chunk
+    for defects, want in ((set(), errno.EINVAL), ({"accepts_truncated"}, 0)):
+        dst = make_dev(state_size=8 * KB, chunk_size=4 * KB, defects=defects)
+        fd = resuming(dst)
+        assert dst.k.write(fd, half) == len(half)
+        assert dst.try_set_state(STOP)[0] == want
+        dst.k.close(fd)
+    # the defective device loaded what arrived: the source's seed, power-on chunks
+    assert dst.get_state() == STOP and dst.hw.seed == src.hw.seed
+
+
+def test_defect_log_not_cleared(make_dev: Callable[..., Dev]) -> None:
+    for defects, again in ((set(), []), ({"log_not_cleared"}, [1, 3])):
+        d = make_dev(defects=defects)
+        assert start(d, [(0, MB)])[0] == 0
+        for page in (1, 3):
+            d.hw.on_dma_write(page * 4096, 8)
+        assert bits_of(report(d, 0, MB)[1]) == [1, 3]
+        assert bits_of(report(d, 0, MB)[1]) == again
 
 
 # ----------------------------------------------------------------- range merging

@@ -6,7 +6,9 @@ and its data fds, illegal and blocked transitions, PRECOPY_INFO, MIG_DATA_SIZE, 
 the data stream, save/resume round trips, rejection of bad resume streams, recovery through
 reset, DMA logging, and the P2P two-phase order.
 
-    core.py       verdicts (Fail, Skip, CheckResult), Target, ModelHooks, the run context Ctx
+    core.py       verdicts (Fail, Skip, CheckResult), the failure paths (FAILURES: every
+                  place a check records a failure, by id), Target, ModelHooks, the run
+                  context Ctx
     stream.py     saved streams (memory or temporary file) and their damaged copies
     checks/       fsm.py, data.py, resume.py, dma.py, p2p.py: the checks, by group
     runner.py     run_suite (one result per check), render (the table)
@@ -17,6 +19,7 @@ The command line is ``vfiomig conformance`` (vfiomig.tools.conformance).
 from vfiomig.conformance.checks import CHECKS
 from vfiomig.conformance.core import (
     FAIL,
+    FAILURES,
     PASS,
     SKIP,
     CheckResult,
@@ -34,6 +37,7 @@ __all__ = [
     "CHECKS",
     "CHECK_NAMES",
     "FAIL",
+    "FAILURES",
     "PASS",
     "SKIP",
     "WITHOUT_MIGRATION",

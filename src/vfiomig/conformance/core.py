@@ -1,12 +1,12 @@
-"""What every check shares: verdicts (Fail / Skip / CheckResult), the target, the model's
-hooks, and the run context `Ctx` with its state helpers."""
+"""What every check shares: verdicts (Fail / Skip / CheckResult), the registry of failure
+paths, the target, the model's hooks, and the run context `Ctx` with its state helpers."""
 
 from __future__ import annotations
 
 import mmap
 import os
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from errno import ENOMSG, ENOTTY
@@ -31,8 +31,34 @@ S = MigrationState
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
 
+# ------------------------------------------------------------------------------------------
+# failure paths
+
+# Every place where the suite records a failure, by id ("group/name"), with what it means.
+# Checks register theirs at import (``X = failure(...)``) and name one in each Fail; a test
+# makes every registered path fire (tests/test_conformance_paths.py), so a path added
+# without a test that fires it fails there.
+FAILURES: dict[str, str] = {}
+
+
+def failure(fid: str, what: str) -> str:
+    """Register a failure path: its id and what it means. Returns the id."""
+    if fid in FAILURES:
+        raise ValueError(f"failure path {fid!r} registered twice")
+    FAILURES[fid] = what
+    return fid
+
+
 class Fail(Exception):
-    """The device departs from the uAPI; the message says how."""
+    """The device departs from the uAPI; the message says how, ``at`` names the failure path
+    (a registered id) and ``also`` those of further problems listed in the details."""
+
+    def __init__(self, reason: str, *details: str, at: str, also: Sequence[str] = ()) -> None:
+        unknown = [p for p in (at, *also) if p not in FAILURES]
+        if unknown:
+            raise ValueError(f"unregistered failure path(s) {unknown}")
+        super().__init__(reason, *details)
+        self.paths = list(dict.fromkeys((at, *also)))
 
 
 class Skip(Exception):
@@ -48,6 +74,8 @@ class CheckResult:
     seconds: float = 0.0
     # An internal error's traceback: in --json output (for a bug report), not in the table.
     traceback: list[str] = field(default_factory=list)
+    # The failure paths that fired (FAILURES ids), the one the reason describes first.
+    failures: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         out = {
@@ -57,12 +85,26 @@ class CheckResult:
             "details": self.details,
             "seconds": round(self.seconds, 4),
         }
+        if self.failures:
+            out["failures"] = self.failures
         if self.traceback:
             out["traceback"] = self.traceback
         return out
 
 
-def internal_error(name: str, e: Exception, what: str = "internal error") -> CheckResult:
+INTERNAL_ERROR = failure(
+    "runner/internal-error",
+    "a check raised something other than a verdict or a kernel error (a bug in the suite or "
+    "in the kernel); the reason says where",
+)
+SETUP_INTERNAL = failure(
+    "runner/setup-internal", "opening the devices raised something other than OSError"
+)
+
+
+def internal_error(
+    name: str, e: Exception, what: str = "internal error", at: str = INTERNAL_ERROR
+) -> CheckResult:
     """A failure for an exception that is neither the kernel's answer nor a verdict: a bug in
     the suite or the kernel. The reason says where it was raised."""
     frames = traceback.extract_tb(e.__traceback__)
@@ -72,6 +114,7 @@ def internal_error(name: str, e: Exception, what: str = "internal error") -> Che
         FAIL,
         f"{what}: {type(e).__name__}: {e}{where}",
         traceback="".join(traceback.format_exception(e)).splitlines(),
+        failures=[at],
     )
 
 
@@ -145,8 +188,37 @@ def kernel_release_at_least(release: str, major: int, minor: int) -> bool:
 # the run context
 
 
+# The failure paths of the helpers (Ctx, below).
+FLAGS_ERROR = failure(
+    "core/flags-error", "the MIGRATION feature GET fails with an errno other than ENOTTY"
+)
+SETTLE_STUCK = failure(
+    "core/settle-stuck",
+    "a device cannot be brought back to RUNNING: SET RUNNING and VFIO_DEVICE_RESET fail",
+)
+SETTLE_NOT_RUNNING = failure(
+    "core/settle-not-running", "after SET RUNNING (or a reset) GET reports another state"
+)
+ENTER_REFUSED = failure(
+    "core/enter-refused", "SET from RUNNING to a supported state (one the check needs) fails"
+)
+ENTER_GET = failure(
+    "core/enter-get-differs", "SET from RUNNING succeeded but GET reports another state"
+)
+SESSION_NEW_FD = failure(
+    "core/session-new-fd",
+    "an arc inside an open saving session (PRE_COPY -> PRE_COPY_P2P, -> STOP_COPY) "
+    "returned a new data fd",
+)
+
+
 class Ctx:
-    """Open devices and helpers shared by the checks."""
+    """The devices one check runs on, opened for it, and helpers shared by the checks.
+
+    The runner builds a new Ctx for every check (iommufd, IOAS and devices opened anew, as a
+    user would, and all closed after it), so no check sees what an earlier one left behind:
+    a driver's per-open state (hisi_acc's latched match check, the PRECOPY_INFOv2 opt-in)
+    starts fresh for each."""
 
     def __init__(self, target: Target, stack: ExitStack) -> None:
         self.target = target
@@ -158,9 +230,8 @@ class Ctx:
         self.a = self.open_device(target.primary)
         self.b = self.open_device(target.secondary) if target.secondary else None
         self.files: list[MigrationFile] = []
-        # per device: the state last set or seen, and how many resumes completed
+        # per device: the state last set or seen
         self.last: dict[str, int] = {}
-        self.loaded: dict[str, int] = {}
         self._flags: int | None = None
         self._stream: Stream | None = None
         # The state each device was in right after it was opened (before any check).
@@ -192,12 +263,27 @@ class Ctx:
             except VfioError as e:
                 if e.errno == ENOTTY:
                     raise Skip(f"the device does not support migration ({e})") from e
-                raise Fail(f"the device does not report migration flags ({e})") from e
+                raise Fail(
+                    f"the device does not report migration flags ({e})", at=FLAGS_ERROR
+                ) from e
         return self._flags
 
     def need(self, flag: MigrationFlags, what: str) -> None:
         if not self.flags & flag:
             raise Skip(f"the device does not advertise {flag.name} ({what})")
+
+    def reopen(self, dev: VfioDevice) -> VfioDevice:
+        """Settle the devices, close ``dev`` and open it again, bound and attached as before:
+        what a destination VMM resumes into is a freshly opened device."""
+        self.settle()
+        dev.close()
+        self.last.pop(dev.path, None)
+        new = self.open_device(dev.path)
+        if dev is self.a:
+            self.a = new
+        elif dev is self.b:
+            self.b = new
+        return new
 
     def need_b(self) -> VfioDevice:
         if self.b is None:
@@ -212,10 +298,7 @@ class Ctx:
         return f
 
     def set(self, dev: VfioDevice, state: int) -> MigrationFile | None:
-        was = self.last.get(dev.path)
         f = self.keep(dev.set_state(state))
-        if was == S.RESUMING and state != S.RESUMING:
-            self.loaded[dev.path] = self.loaded.get(dev.path, 0) + 1
         self.last[dev.path] = state
         return f
 
@@ -253,11 +336,17 @@ class Ctx:
                 try:
                     dev.reset()
                 except VfioError as e:
-                    raise Fail(f"setup: cannot bring {dev.path} back to RUNNING: {e}") from e
+                    raise Fail(
+                        f"setup: cannot bring {dev.path} back to RUNNING: {e}",
+                        at=SETTLE_STUCK,
+                    ) from e
             self.close_files()
             st = self.state(dev)
             if st != S.RUNNING:
-                raise Fail(f"setup: {dev.path} is in {state_name(st)} after SET RUNNING / reset")
+                raise Fail(
+                    f"setup: {dev.path} is in {state_name(st)} after SET RUNNING / reset",
+                    at=SETTLE_NOT_RUNNING,
+                )
 
     def enter(
         self, dev: VfioDevice, state: int, stream: Stream | None = None
@@ -266,10 +355,15 @@ class Ctx:
         try:
             f = self.set(dev, state)
         except VfioError as e:
-            raise Fail(f"cannot reach {state_name(state)} from RUNNING: {e}") from e
+            raise Fail(
+                f"cannot reach {state_name(state)} from RUNNING: {e}", at=ENTER_REFUSED
+            ) from e
         got = self.state(dev)
         if got != state:
-            raise Fail(f"SET {state_name(state)} succeeded but GET reports {state_name(got)}")
+            raise Fail(
+                f"SET {state_name(state)} succeeded but GET reports {state_name(got)}",
+                at=ENTER_GET,
+            )
         if stream is not None and f is not None:
             for chunk in stream.chunks():
                 f.write_all(chunk)
@@ -290,7 +384,8 @@ class Ctx:
         if self.set(dev, state) is not None:
             raise Fail(
                 f"data fd on the wrong arc: {state_name(was)} -> {state_name(state)} "
-                "returned a new data fd"
+                "returned a new data fd",
+                at=SESSION_NEW_FD,
             )
 
     def save(
@@ -351,9 +446,17 @@ class Ctx:
         return self._stream
 
 
+NO_DATA_FD = failure(
+    "core/no-data-fd",
+    "an arc that opens a session (RUNNING -> PRE_COPY, STOP -> STOP_COPY, STOP -> RESUMING) "
+    "returned no data fd",
+)
+ENOMSG_IN_STOP_COPY = failure("core/enomsg-in-stop-copy", "a read in STOP_COPY answered ENOMSG")
+
+
 def _needs_fd(f: MigrationFile | None, cur: int, new: int) -> MigrationFile:
     if f is None:
-        raise Fail(f"{state_name(cur)} -> {state_name(new)} returned no data fd")
+        raise Fail(f"{state_name(cur)} -> {state_name(new)} returned no data fd", at=NO_DATA_FD)
     return f
 
 
@@ -364,26 +467,28 @@ def read_to_eof(f: MigrationFile, take: Callable[[bytes], None]) -> None:
             chunk = f.read(READ_CHUNK)
         except VfioError as e:
             if e.errno == ENOMSG:
-                raise Fail("read returned ENOMSG in STOP_COPY (only PRE_COPY may)") from e
+                raise Fail(
+                    "read returned ENOMSG in STOP_COPY (only PRE_COPY may)", at=ENOMSG_IN_STOP_COPY
+                ) from e
             raise
         if not chunk:
             return
         take(chunk)
 
 
-def expect_errno(fn: Callable[[], Any], code: int, what: str) -> None:
-    """``fn`` must fail with ``code``."""
+def expect_errno(fn: Callable[[], Any], code: int, what: str, at: str) -> None:
+    """``fn`` must fail with ``code``; else a Fail at the failure path ``at``."""
     try:
         r = fn()
     except OSError as e:
         if e.errno != code:
             raise Fail(
-                f"{what}: expected {errno_name(code)}, got {errno_name(e.errno or 0)}"
+                f"{what}: expected {errno_name(code)}, got {errno_name(e.errno or 0)}", at=at
             ) from e
         return
     if isinstance(r, MigrationFile):
         r.close()
-    raise Fail(f"{what}: expected {errno_name(code)}, but it succeeded")
+    raise Fail(f"{what}: expected {errno_name(code)}, but it succeeded", at=at)
 
 
 def probe_errno(fn: Callable[[], Any]) -> int:

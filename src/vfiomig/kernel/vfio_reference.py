@@ -30,6 +30,9 @@ Options (ModelKernel.add_device("reference", ...)):
       "log_misses_writes"      every 4th device DMA write is not recorded in the DMA log
       "no_einval_blocked_arc"  STOP_COPY -> PRE_COPY / PRE_COPY_P2P succeed as a direct arc
                                (the saving session continues) instead of EINVAL
+      "accepts_truncated"      RESUMING -> STOP loads a stream that stopped short (chunks that
+                               did not arrive get their power-on content) instead of EINVAL
+      "log_not_cleared"        a DMA logging report does not clear the pages it reports
 
 Device internals (`ReferenceHw`, reached with ModelKernel.device(path)):
   The state is `nchunks` chunks; chunk i holds gen(seed, i, versions[i]) (a splitmix64
@@ -93,6 +96,8 @@ DEFECTS = frozenset(
         "lossy_precopy",
         "log_misses_writes",
         "no_einval_blocked_arc",
+        "accepts_truncated",
+        "log_not_cleared",
     }
 )
 RUNNING_STATES = frozenset({RUNNING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P})
@@ -498,6 +503,12 @@ class RefResumingFile(ResumingFile):
 
     def commit(self) -> None:
         """RESUMING -> STOP: load the staged state, or EINVAL if it is not complete."""
+        if "accepts_truncated" in self.dev.defects and not self.broken and self.seed is not None:
+            self.received[:] = True  # what did not arrive: version 0, the power-on content
+            self.rec = None  # a record cut short is dropped
+            self.head.clear()
+            if self.end_steps is None:
+                self.end_steps = self.hw.steps
         if (
             self.broken
             or self.rec is not None
@@ -671,7 +682,11 @@ class ReferenceDevice(VfioDevice):
         log = self.ref_hw.log
         if log is None:
             raise err(EINVAL)  # mlx5vf_tracker_read_and_clear: !log_active
-        bitmap.set_ranges(log.read_and_clear(iova, length), log.page_size)
+        pages = log.read_and_clear(iova, length)
+        if "log_not_cleared" in self.defects:
+            for page in pages.tolist():
+                log.mark(page, 1)
+        bitmap.set_ranges(pages, log.page_size)
 
 
 DRIVERS["reference"] = ReferenceDevice

@@ -8,11 +8,13 @@ streams, recovery through reset, DMA logging, and the P2P two-phase order. The d
 real one (--device, with --device2 for the checks that resume on a second device) or one of
 the model kernel (--model, which creates two).
 
-Each check prints pass / fail / skip with its reason. On a real device the suite changes the
-device's migration state and resets it, so it refuses to start without --yes. Checks that
-need to make the device DMA or to inject a fault run only on the model and are skipped (with
-the reason) elsewhere. --model takes KIND,key=value,... (QEMU's syntax; KIND:key=value,...
-still works); the kinds, their keys, the defects and the checks are listed below.
+Each check prints pass / fail / skip with its reason. Every check runs on devices opened for
+it alone (and closed after it), so its verdict is the same with --check as in the full run.
+On a real device the suite changes the device's migration state and resets it, so it refuses
+to start without --yes. Checks that need to make the device DMA or to inject a fault run only
+on the model and are skipped (with the reason) elsewhere. --model takes KIND,key=value,...
+(QEMU's syntax; KIND:key=value,... still works); the kinds, their keys, the defects and the
+checks are listed below.
 
 The suite itself is the package ``vfiomig.conformance``; this module is its command line.
 """
