@@ -20,6 +20,8 @@ from vfiomig.conformance.checks import CHECKS
 from vfiomig.conformance.core import (
     FAIL,
     FAILURES,
+    FINDING,
+    FINDINGS,
     PASS,
     SKIP,
     CheckResult,
@@ -29,6 +31,7 @@ from vfiomig.conformance.core import (
     Skip,
     Target,
     kernel_release_at_least,
+    verdict,
 )
 from vfiomig.conformance.runner import CHECK_NAMES, WITHOUT_MIGRATION, render, run_suite, summary
 from vfiomig.conformance.stream import Stream, corrupted, first_difference, truncated
@@ -38,6 +41,8 @@ __all__ = [
     "CHECK_NAMES",
     "FAIL",
     "FAILURES",
+    "FINDING",
+    "FINDINGS",
     "PASS",
     "SKIP",
     "WITHOUT_MIGRATION",
@@ -55,4 +60,5 @@ __all__ = [
     "run_suite",
     "summary",
     "truncated",
+    "verdict",
 ]

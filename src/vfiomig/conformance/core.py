@@ -28,7 +28,7 @@ from vfiomig.host.iommufd import Ioas
 from vfiomig.host.transport import IOMMUFD_PATH
 
 S = MigrationState
-PASS, FAIL, SKIP = "pass", "fail", "skip"
+PASS, FAIL, SKIP, FINDING = "pass", "fail", "skip", "finding"
 
 
 # ------------------------------------------------------------------------------------------
@@ -39,14 +39,27 @@ PASS, FAIL, SKIP = "pass", "fail", "skip"
 # makes every registered path fire (tests/test_conformance_paths.py), so a path added
 # without a test that fires it fails there.
 FAILURES: dict[str, str] = {}
+# Paths that are findings, not failures: the device does what its Linux driver does, and
+# what it does deserves a user's attention without making the device non-conforming (e.g.
+# hisi_acc's compatibility check latched once per open, which the kernel resets only at
+# open). A result whose paths are all findings has status FINDING; it does not fail a run.
+FINDINGS: set[str] = set()
 
 
-def failure(fid: str, what: str) -> str:
-    """Register a failure path: its id and what it means. Returns the id."""
+def failure(fid: str, what: str, *, finding: bool = False) -> str:
+    """Register a failure path: its id and what it means (``finding``: it reports a
+    finding rather than a failure). Returns the id."""
     if fid in FAILURES:
         raise ValueError(f"failure path {fid!r} registered twice")
     FAILURES[fid] = what
+    if finding:
+        FINDINGS.add(fid)
     return fid
+
+
+def verdict(paths: Sequence[str]) -> str:
+    """FINDING when every path that fired is a finding, else FAIL."""
+    return FINDING if paths and all(p in FINDINGS for p in paths) else FAIL
 
 
 class Fail(Exception):

@@ -9,6 +9,7 @@ from errno import EACCES, EBUSY, ENOENT, EPERM
 from vfiomig.conformance.checks import CHECKS
 from vfiomig.conformance.core import (
     FAIL,
+    FINDING,
     PASS,
     SETUP_INTERNAL,
     SKIP,
@@ -20,6 +21,7 @@ from vfiomig.conformance.core import (
     Target,
     failure,
     internal_error,
+    verdict,
 )
 from vfiomig.host import VfioError
 from vfiomig.host.errors import OpenError
@@ -124,7 +126,7 @@ def _run_one(ctx: Ctx, name: str, fn: Check) -> CheckResult:
         res = CheckResult(name, PASS, reason)
     except Fail as e:
         details = [str(a) for a in e.args[1:]]
-        res = CheckResult(name, FAIL, str(e.args[0]), details, failures=e.paths)
+        res = CheckResult(name, verdict(e.paths), str(e.args[0]), details, failures=e.paths)
     except Skip as e:
         res = CheckResult(name, SKIP, str(e))
     except VfioError as e:
@@ -136,7 +138,7 @@ def _run_one(ctx: Ctx, name: str, fn: Check) -> CheckResult:
 
 
 def summary(results: list[CheckResult]) -> dict[str, int]:
-    out = {PASS: 0, FAIL: 0, SKIP: 0}
+    out = {PASS: 0, FAIL: 0, SKIP: 0, FINDING: 0}
     for r in results:
         out[r.status] += 1
     return out
@@ -146,9 +148,12 @@ def render(results: list[CheckResult], label: str) -> str:
     lines = [f"conformance: {label}"]
     width = max((len(r.name) for r in results), default=10)
     for r in results:
-        lines.append(f"{r.status.upper():4}  {r.name:<{width}}  {r.reason}")
+        lines.append(f"{r.status.upper()[:4]:4}  {r.name:<{width}}  {r.reason}")
         for d in r.details[:10]:
             lines.append(f"{'':4}  {'':<{width}}    {d}")
     s = summary(results)
-    lines.append(f"{len(results)} checks: {s[PASS]} pass, {s[FAIL]} fail, {s[SKIP]} skip")
+    lines.append(
+        f"{len(results)} checks: {s[PASS]} pass, {s[FAIL]} fail, {s[SKIP]} skip, "
+        f"{s[FINDING]} finding"
+    )
     return "\n".join(lines)

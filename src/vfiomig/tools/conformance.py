@@ -68,7 +68,7 @@ EXAMPLES = (
 )
 
 EXIT_STATUS = (
-    (0, "every check passed or was skipped (and --list)"),
+    (0, "every check passed, was skipped or reported a finding (and --list)"),
     (1, "a check failed, or a real device could not be set up"),
     (2, "usage error, or a real --device without --yes"),
 )
