@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
-from errno import EACCES, EBUSY, ENOENT, EPERM
+from errno import EACCES, EBUSY, ENOENT, ENOTTY, EPERM
 
 from vfiomig.conformance.checks import CHECKS
 from vfiomig.conformance.core import (
@@ -109,6 +109,8 @@ def _hint(e: VfioError, target: Target) -> str:
         if e.op == f"open({target.iommufd_path})":
             return " (this host has no iommufd; docs/real-hardware.md says what it needs)"
         return " (no such device node)"
+    if e.errno == ENOTTY and e.op.startswith("IOMMU_"):
+        return f" ({target.iommufd_path} does not answer as an iommufd)"
     if e.errno in (EACCES, EPERM):
         return " (run as root or give your user access: docs/real-hardware.md)"
     if e.errno == EBUSY:

@@ -105,6 +105,10 @@ RUNNING_STATES = frozenset({RUNNING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P})
 MAGIC = 0x56524546  # "VREF"
 REC_DEV, REC_CHUNK, REC_END = 1, 2, 3
 _REC = struct.Struct("<IIIIQ")  # magic, type, length, version, index
+# The largest state the model holds (mlx5 states are "100s of MB"): its per-chunk versions
+# stay bounded in memory.
+MAX_STATE_SIZE = 64 << 30
+MAX_CHUNKS = 1 << 24
 _DEV = struct.Struct("<QQQQ")  # seed, state_size, chunk_size, steps
 _END = struct.Struct("<QQ")  # steps, nchunks
 DEV_RECORD = _REC.size + _DEV.size
@@ -564,6 +568,11 @@ class ReferenceDevice(VfioDevice):
             raise ValueError(f"migration_flags must be one of 1, 3, 5, 7, got {migration_flags!r}")
         if state_size < 0 or chunk_size <= 0:
             raise ValueError("state_size must be >= 0 and chunk_size > 0")
+        if state_size > MAX_STATE_SIZE or -(-state_size // chunk_size) > MAX_CHUNKS:
+            raise ValueError(
+                f"state_size must be at most {MAX_STATE_SIZE >> 30} GiB in at most "
+                f"{MAX_CHUNKS} chunks (the model keeps a version per chunk)"
+            )
         unknown = set(defects) - DEFECTS
         if unknown:
             raise ValueError(f"unknown defects {sorted(unknown)}; known: {sorted(DEFECTS)}")

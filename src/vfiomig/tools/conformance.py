@@ -199,6 +199,9 @@ def run(args: argparse.Namespace) -> int:
         for name, doc, _ in CHECKS:
             print(f"{name:<28} {doc}")
         return 0
+    if args.device is not None and not args.device.strip():
+        print("vfiomig conformance: --device: empty path", file=sys.stderr)
+        return 2
     if not args.device and not args.model:
         print(
             "vfiomig conformance: give --device PATH (a real device) or --model KIND",

@@ -299,11 +299,10 @@ def check_model_options(
     ctor = DRIVERS.get(kind)
     if ctor is None:
         raise ValueError(f"unknown device kind {kind!r} (known: {', '.join(sorted(DRIVERS))})")
-    params = {
-        name: p.default
-        for name, p in inspect.signature(ctor).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    sig = inspect.signature(ctor).parameters.items()
+    params = {n: p.default for n, p in sig if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    # a keyword without a default (None) but annotated ``int | None`` still takes integers
+    ints = {n for n, p in sig if p.default is None and str(p.annotation) == "int | None"}
     out: dict[str, Any] = {}
     for key, val in options.items():
         if key not in params:
@@ -311,7 +310,7 @@ def check_model_options(
             others = ", ".join(also)
             more = f"; besides them: {others}" if others else ""
             raise ValueError(f"{kind} has no option {key!r} (its options: {known}{more})")
-        out[key] = _option_value(kind, key, val, params[key])
+        out[key] = _option_value(kind, key, val, 0 if key in ints else params[key])
     return out
 
 

@@ -17,6 +17,7 @@ works); the kinds and their keys are listed below.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -75,7 +76,15 @@ def build_model(specs: Sequence[ModelSpec], iommu: str = "smmuv3") -> tuple[Any,
 
     checked = [check_model_options(s.kind, s.options) for s in specs]
     k = ModelKernel(iommu=iommu)
-    return k, [k.add_device(s.kind, **opts) for s, opts in zip(specs, checked, strict=True)]
+    paths = []
+    for s, opts in zip(specs, checked, strict=True):
+        try:
+            paths.append(k.add_device(s.kind, **opts))
+        except MemoryError:
+            raise ValueError(f"{s.label()}: this machine cannot hold that device") from None
+        except (ValueError, TypeError) as e:  # the driver refuses a value
+            raise ValueError(f"{s.label()}: {e}") from None
+    return k, paths
 
 
 # ------------------------------------------------------------------------------------------
@@ -185,6 +194,20 @@ def _log_page_size(ictx: Iommufd, dev: VfioDevice) -> dict[str, Any]:
     return {"page_size": page}
 
 
+def is_iommufd(t: Transport, path: str) -> bool:
+    """Does ``path`` exist and answer as iommufd (IOMMU_IOAS_ALLOC succeeds)? A node that is
+    not one (e.g. /dev/null) answers ENOTTY."""
+    if not t.exists(path):
+        return False
+    try:
+        with Iommufd(t, path) as ictx:
+            ictx.ioas_alloc().destroy()
+        return True
+    except VfioError as e:
+        # present but not usable by us (permissions): still an iommufd node to report
+        return e.errno in (errno.EACCES, errno.EPERM)
+
+
 def probe_host(
     t: Transport,
     devices: Sequence[str] | None = None,
@@ -194,7 +217,7 @@ def probe_host(
     """The host summary and one entry per device (all VFIO cdevs when ``devices`` is None)."""
     host: dict[str, Any] = {
         "transport": t.name,
-        "iommufd": t.exists(iommufd_path),
+        "iommufd": is_iommufd(t, iommufd_path),
         "vfio_cdevs": t.exists(VFIO_DEVICES_DIR),
         "legacy_container": t.exists(VFIO_CONTAINER_PATH),
     }
