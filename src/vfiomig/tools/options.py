@@ -310,7 +310,8 @@ def check_model_options(
             others = ", ".join(also)
             more = f"; besides them: {others}" if others else ""
             raise ValueError(f"{kind} has no option {key!r} (its options: {known}{more})")
-        out[key] = _option_value(kind, key, val, 0 if key in ints else params[key])
+        typed = key in ints and val is not None  # None: the device picks (its default)
+        out[key] = _option_value(kind, key, val, 0 if typed else params[key])
     return out
 
 

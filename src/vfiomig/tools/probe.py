@@ -82,8 +82,8 @@ def build_model(specs: Sequence[ModelSpec], iommu: str = "smmuv3") -> tuple[Any,
             paths.append(k.add_device(s.kind, **opts))
         except MemoryError:
             raise ValueError(f"{s.label()}: this machine cannot hold that device") from None
-        except (ValueError, TypeError) as e:  # the driver refuses a value
-            raise ValueError(f"{s.label()}: {e}") from None
+        except (ValueError, TypeError) as e:  # the driver refuses a value (and names it)
+            raise ValueError(str(e)) from None
     return k, paths
 
 
@@ -202,10 +202,11 @@ def is_iommufd(t: Transport, path: str) -> bool:
     try:
         with Iommufd(t, path) as ictx:
             ictx.ioas_alloc().destroy()
-        return True
     except VfioError as e:
-        # present but not usable by us (permissions): still an iommufd node to report
-        return e.errno in (errno.EACCES, errno.EPERM)
+        # ENOTTY: the node is something else; any other answer (permissions, a busy or
+        # half-working iommufd) still makes it an iommufd node to report
+        return e.errno != errno.ENOTTY
+    return True
 
 
 def probe_host(
@@ -246,7 +247,9 @@ def probe_host(
         else:
             entry = {
                 "path": path,
-                "error": f"{iommufd_path} missing: per-device details need iommufd",
+                "error": f"{iommufd_path} "
+                + ("is not an iommufd" if t.exists(iommufd_path) else "missing")
+                + ": per-device details need iommufd",
             }
         if labels and path in labels:
             entry["model"] = labels[path]
