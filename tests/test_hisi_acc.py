@@ -8,6 +8,7 @@ read/write). Python calls are used only to set up the VF the way a guest driver 
 from __future__ import annotations
 
 import errno
+import signal
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -518,3 +519,46 @@ def test_queue_tables_in_unbacked_memory_fail_the_stop_arc_not_the_caller(k: Mod
     assert errno_of(d.set_state, STOP) == errno.ETIMEDOUT  # vf_qm_cache_wb
     assert d.hw.pf.readl(q.QM_ABNORMAL_INT_STATUS) & q.QM_AXI_BRESP
     assert d.get_state() == RUNNING  # the failed arc left it running
+
+
+# -- a resumed qp_num is used as it is ------------------------------------------------------
+
+
+class _Overrun(Exception):
+    pass
+
+
+def _within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """fn(), failing the test (not hanging it) if it runs longer than `seconds`."""
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise _Overrun(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_resumed_qp_num_rings_each_distinct_doorbell_once(k: ModelKernel) -> None:
+    """vf_qm_load_data takes qm->qp_num from the stream (a mismatched stream is refused by
+    the match check's EFAULT but its bytes still load), and STOP -> RUNNING's
+    vf_qm_fun_reset rings qm_db(qm, i, QM_DOORBELL_CMD_SQ, 0, 1) for every i < qp_num.
+    qm_db takes a u16 qn, so past 65536 the same idempotent doorbell writes repeat: the
+    model rings each distinct one once, where a qp_num of 2**32 - 1 used to hang it
+    (found by bench/fuzz.py)."""
+    blob = _patch(_blob(k), "<I", 8, 0xFFFF_FFFF)  # acc_vf_data.qp_num
+    dst = acc(k)
+    dfd = resuming(dst)
+    assert errno_of(k.write, dfd, blob) == errno.EFAULT  # the match check refuses ...
+    assert dst.set_state(STOP) == -1  # ... and the load takes it anyway
+    assert dst.vdev.vf_qm.qp_num == 0xFFFF_FFFF
+    assert _within(10, lambda: dst.set_state(RUNNING)) == -1
+    assert dst.get_state() == RUNNING
+    # qn is bits 0-11 of the doorbell and the u16's top nibble lands in its cmd bits: every
+    # queue number got its SQ doorbell (cmd 0), and nothing past the 4096 SQ ones
+    assert dst.hw.armed == set(range(4096))
+    assert any("vf_qm_fun_reset" in w for w in dst.vdev.warnings)

@@ -190,6 +190,9 @@ def qm_set_regs(qm: HisiQmVf, d: acc_vf_data) -> None:
 
 
 def qm_db(qm: HisiQmVf, qn: int, cmd: int, index: int, priority: int) -> None:
+    """qm_db(struct hisi_qm *qm, u16 qn, u8 cmd, u16 index, u8 priority): the arguments
+    arrive truncated to their C types."""
+    qn, cmd, index, priority = qn & 0xFFFF, cmd & 0xFF, index & 0xFFFF, priority & 0xFF
     dbase = (
         q.QM_DOORBELL_SQ_CQ_BASE_V2
         if cmd in (q.QM_DOORBELL_CMD_SQ, q.QM_DOORBELL_CMD_CQ)
@@ -215,8 +218,22 @@ def vf_qm_cache_wb(qm: HisiQmVf) -> None:
         raise err(ETIMEDOUT)  # "vf QM writeback sqc cache fail"
 
 
-def vf_qm_fun_reset(qm: HisiQmVf, vf_qm: VfQm) -> None:
-    for i in range(vf_qm.qp_num):
+QM_DB_QN_WRAP = 1 << 16  # qm_db's qn is a u16
+
+
+def vf_qm_fun_reset(dev: HisiAccDevice, qm: HisiQmVf, vf_qm: VfQm) -> None:
+    """for (i = 0; i < qm->qp_num; i++) qm_db(qm, i, QM_DOORBELL_CMD_SQ, 0, 1).
+
+    qp_num comes from a resumed stream as it is (vf_qm_load_data), up to 2**32 - 1. The
+    u16 qn makes the doorbell values repeat every 65536 iterations, and writing the same
+    doorbell again changes nothing, so the model rings each distinct one once: the same
+    effect, in bounded time (the kernel's loop would run qp_num times)."""
+    if vf_qm.qp_num > QM_DB_QN_WRAP:
+        dev.warn(
+            f"vf_qm_fun_reset: qp_num {vf_qm.qp_num} from the resumed stream: the driver"
+            f" rings {vf_qm.qp_num} doorbells (the model rings the {QM_DB_QN_WRAP} distinct ones)"
+        )
+    for i in range(min(vf_qm.qp_num, QM_DB_QN_WRAP)):
         qm_db(qm, i, q.QM_DOORBELL_CMD_SQ, 0, 1)
 
 
@@ -391,7 +408,7 @@ def hisi_acc_vf_start_device(dev: HisiAccDevice) -> None:
     if dev.vf_qm_state != QM_READY:
         return
     qm_dev_cmd_init(dev.qm)
-    vf_qm_fun_reset(dev.qm, dev.vf_qm)
+    vf_qm_fun_reset(dev, dev.qm, dev.vf_qm)
 
 
 # -- the vfio_device (hisi_acc_vfio_pci_migrn_ops) ------------------------------------------------
