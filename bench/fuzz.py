@@ -314,12 +314,7 @@ class Finding:
 # Defects found in files this branch leaves to other work in progress: each is recorded as a
 # failing-by-design xfail(strict=True) test (the note names it). The fuzzer still reports
 # them, as known, and does not fail on them. (kind, what, substring of where) -> note.
-KNOWN_DEFECTS: dict[tuple[str, str, str], str] = {
-    ("exception", "IndexError", "vfiomig/kernel/mtty.py"): (
-        "a resumed mtty port's FIFO head/tail are used unchecked"
-        " (tests/test_fuzz_findings.py::test_mtty_resumed_fifo_index_out_of_range)"
-    ),
-}
+KNOWN_DEFECTS: dict[tuple[str, str, str], str] = {}
 
 
 # ---------------------------------------------------------------------------------------
