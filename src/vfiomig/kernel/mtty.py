@@ -18,6 +18,10 @@ Migration (mtty_step_state and friends):
   positions unchecked, as mtty.c does); one outside the FIFO is logged when the UART uses it;
 * VFIO_DEVICE_RESET (mtty_reset): state RUNNING, data files disabled; the ports keep their
   contents (mtty resets no UART state).
+* the device fd (mtty_ioctl, mtty_read / mtty_write): GET_INFO (kept in dev_info, whose
+  num_irqs bounds the IRQ ioctls), GET_REGION_INFO, GET_IRQ_INFO, SET_IRQS with the UART's
+  interrupts delivered to eventfds, config space and BAR access through mdev_access;
+  docs/kernel-vfio.md has the rules and where the model stops.
 """
 
 from __future__ import annotations

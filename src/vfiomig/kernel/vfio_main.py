@@ -4,8 +4,9 @@ Follows drivers/vfio/vfio_main.c (7.2) and include/linux/vfio.h:
 
 * `VfioDeviceFile` is struct vfio_device_file, one open of /dev/vfio/devices/vfioN.
   vfio_device_fops_unl_ioctl: BIND_IOMMUFD first, then EINVAL until access is granted,
-  then the cdev-only ATTACH/DETACH, then VFIO_DEVICE_FEATURE, then the driver's ioctl
-  (GET_INFO, RESET, anything else ENOTTY as vfio_pci_core_ioctl's default).
+  then the cdev-only ATTACH/DETACH, then VFIO_DEVICE_FEATURE and GET_REGION_INFO (the
+  core's, kernel/vfio_device_fops.py), then the driver's ioctl (GET_INFO, RESET, the
+  driver's own, anything else ENOTTY as vfio_pci_core_ioctl's default).
 * `vfio_ioctl_device_feature` + `vfio_check_feature` + the core feature handlers
   (MIGRATION, MIG_DEVICE_STATE, MIG_DATA_SIZE, MIG_PRECOPY_INFOv2, DMA_LOGGING_*), check
   for check in the kernel's order.
