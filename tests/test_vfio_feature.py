@@ -90,8 +90,16 @@ def test_every_ioctl_before_bind_is_einval(
         assert errno_of(d.k.ioctl, d.fd, cmd, arg) == ENOTTY  # vfio_pci_core_ioctl default
 
 
-def test_device_fd_read_is_einval(ref: Dev) -> None:
-    assert errno_of(ref.k.read, ref.fd, 4) == EINVAL
+def test_device_fd_read_needs_access_and_a_read_op(make_dev: Callable[..., Dev]) -> None:
+    """vfio_device_fops_read: EINVAL before access is granted and for a driver without a
+    read op; a vfio-pci device reads its regions (tests/test_vfio_pci_core.py)."""
+    d = make_dev(bind=False)
+    assert errno_of(d.k.read, d.fd, 4) == EINVAL
+    d.bind()
+    assert d.k.read(d.fd, 4) == bytes(4)  # f_pos 0: BAR0 offset 0
+    plain = make_dev("plain")
+    assert errno_of(plain.k.read, plain.fd, 4) == EINVAL
+    assert errno_of(plain.k.write, plain.fd, b"x") == EINVAL
 
 
 # ----------------------------------------------------------------- dispatcher (§2.2)
@@ -121,10 +129,19 @@ def test_dispatcher_get_and_set_need_probe(ref: Dev) -> None:
     assert feat(ref, GET | SET | PROBE | MIG_STATE, 8) == 0
 
 
-@pytest.mark.parametrize("index", [0, 3, 4, 5, 10, 11, 13, 0xFFFF])
+@pytest.mark.parametrize("index", [0, 10, 13, 0xFFFF])
 def test_unknown_feature_index_is_enotty(ref: Dev, index: int) -> None:
+    # vfio_pci_core_ioctl_feature: PCI_VF_TOKEN (0) needs an SR-IOV PF, BUS_MASTER (10) is
+    # CDX's; LOW_POWER_* (3-5) and DMA_BUF (11) are answered (tests/test_vfio_pci_core.py)
     assert feat(ref, GET | index, 64) == ENOTTY
     assert feat(ref, SET | PROBE | index) == ENOTTY
+
+
+@pytest.mark.parametrize("index", [0, 3, 4, 5, 10, 11, 13, 0xFFFF])
+def test_driver_without_device_feature_is_enotty(make_dev: Callable[..., Dev], index: int) -> None:
+    d = make_dev("plain")
+    assert feat(d, GET | index, 64) == ENOTTY
+    assert feat(d, SET | PROBE | index) == ENOTTY
 
 
 # ----------------------------------------------------------------- vfio_check_feature (§2.3)

@@ -68,6 +68,7 @@ def vfio_df_ioctl_bind_iommufd(df: Any, arg: UserArg | int) -> int:
         obj = iommufd_device_bind(f.ictx, vdev)
     f.refs += 1  # iommufd_ctx_get: the device file keeps the iommufd alive
     df.iommufd, df.idev, df.access_granted = f, obj, True
+    vdev.cdev_df = df  # device->cdev_opened, and its iommufd (vfio-pci's hot reset uses both)
     vdev.open_device()
     # copy_to_user of out_devid only; a fault here undoes the bind (vfio_df_unbind_iommufd).
     try:
@@ -88,6 +89,7 @@ def vfio_df_unbind_iommufd(df: Any) -> None:
         return
     vdev = df.device
     vdev.close_device()
+    vdev.cdev_df = None
     obj = df.idev
     if isinstance(obj, IommufdAccess):
         iommufd_access_destroy(obj)

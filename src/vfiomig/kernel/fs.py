@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import select
-from errno import EBADF, EINVAL, EMFILE, ENOTTY, ESPIPE
+from errno import EBADF, EINVAL, EMFILE, ENODEV, ENOTTY, ESPIPE
+from typing import TYPE_CHECKING
 
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.uaccess import UserArg
+
+if TYPE_CHECKING:
+    from vfiomig.hw.memory import Memory, Region
 
 # RLIMIT_NOFILE of a typical process; a leak shows up as EMFILE rather than unbounded growth.
 NR_OPEN_DEFAULT = 1024
@@ -39,6 +44,22 @@ class File:
 
     def llseek(self, offset: int, whence: int) -> int:
         raise err(ESPIPE)
+
+    def pread(self, n: int, offset: int) -> bytes:
+        """pread(2) at `offset`. By default a file without positional I/O of its own is read
+        after llseek (stream files: ESPIPE, as ksys_pread64 without FMODE_PREAD)."""
+        self.llseek(offset, os.SEEK_SET)
+        return self.read(n)
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        """pwrite(2) at `offset`, like pread."""
+        self.llseek(offset, os.SEEK_SET)
+        return self.write(data)
+
+    def mmap(self, mm: Memory, size: int, offset: int) -> Region:
+        """->mmap of a MAP_SHARED mapping of `size` bytes at file `offset`; no op: ENODEV
+        (do_mmap)."""
+        raise err(ENODEV)
 
     def poll(self, events: int) -> int:
         """vfs_poll without a ->poll op: DEFAULT_POLLMASK (in, out, rdnorm, wrnorm)."""

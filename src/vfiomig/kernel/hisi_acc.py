@@ -12,6 +12,9 @@ step by step, talking to the QM through the same registers and mailbox commands:
 * resume checks the match data once 40 bytes arrived (write answers EFAULT, bytes still
   counted, success latched in match_done until the next open); RESUMING -> STOP loads it;
 * VFIO_DEVICE_RESET: an FLR, then (7.0+) hisi_acc_vf_pci_aer_reset_done resets the FSM.
+* the vfio-pci device ioctls and region access of kernel/vfio_pci_core.py over the VF's
+  function (`hisi_acc_vf_function`), with BAR2's migration half hidden from region info,
+  read, write and mmap (not from IOEVENTFD, as in the kernel).
 
 Where the source was read: hisi_acc_vfio_pci.c as of the V2-magic / match_done-on-open
 versions (vf_qm_version_check, vf_qm_check_match without the VF_STATE write, vf_qm_load_data
@@ -25,17 +28,30 @@ from dataclasses import dataclass
 from errno import EBUSY, EFAULT, EINVAL, ETIMEDOUT
 from typing import TYPE_CHECKING
 
+import numpy as np
+import numpy.typing as npt
+
 from vfiomig.hw import hisi_qm as q
 from vfiomig.hw.hisi_qm import QM_NOT_READY, QM_READY, HisiQmPf, HisiQmVf
+from vfiomig.hw.memory import PAGE_SHIFT
 from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import File
 from vfiomig.kernel.machine import DRIVERS
+from vfiomig.kernel.vfio_device_fops import VfioInfoCap
 from vfiomig.kernel.vfio_fsm import PRE_COPY, RESUMING, RUNNING, STOP, STOP_COPY, state_name
-from vfiomig.kernel.vfio_main import VfioDevice
 from vfiomig.kernel.vfio_migration import ResumingFile, SavingFile
+from vfiomig.kernel.vfio_pci_core import (
+    VFIO_PCI_INDEX_TO_OFFSET,
+    VFIO_PCI_OFFSET_MASK,
+    VFIO_PCI_OFFSET_SHIFT,
+    PciBar,
+    PciFunction,
+    VfioPciCoreDevice,
+)
 from vfiomig.uapi import vfio as v
 
 if TYPE_CHECKING:
+    from vfiomig.hw.memory import Memory, Region
     from vfiomig.kernel.machine import ModelKernel
 
 ACC_DEV_MAGIC_V1 = 0xCDCDCDCDFEEDAACC
@@ -414,7 +430,49 @@ def hisi_acc_vf_start_device(dev: HisiAccDevice) -> None:
 # -- the vfio_device (hisi_acc_vfio_pci_migrn_ops) ------------------------------------------------
 
 
-class HisiAccDevice(VfioDevice):
+# The VF's PCI function (modelled on a Kunpeng 920 accelerator VF): an integrated endpoint
+# on the PF's root bus, so neither a slot nor a bus reset exists (hot reset: ENODEV); BAR2 is
+# 64 KiB of QM registers whose upper half (EQC/AEQC, migration control) hisi_acc hides;
+# MSI with 4 vectors (the QM's event, async-event and mailbox interrupts); no MSI-X; a VF
+# has no INTx.
+HISI_BAR2_SIZE = 0x10000
+_CLASS = {  # crypto (SEC, HPRE): 0x10 encryption controller; ZIP: 0x12 accelerator
+    q.PCI_DEVICE_ID_HUAWEI_SEC_VF: 0x108000,
+    q.PCI_DEVICE_ID_HUAWEI_HPRE_VF: 0x108000,
+    q.PCI_DEVICE_ID_HUAWEI_ZIP_VF: 0x120000,
+}
+
+
+def hisi_acc_vf_function(dev_id: int, vf_id: int) -> PciFunction:
+    return PciFunction(
+        vendor=0x19E5,  # PCI_VENDOR_ID_HUAWEI
+        device=dev_id,
+        class_code=_CLASS.get(dev_id, 0x120000),
+        revision=0x21,
+        bars=(
+            PciBar(),
+            PciBar(),
+            PciBar(
+                size=HISI_BAR2_SIZE,
+                start=0x2000_0000_0000 + vf_id * HISI_BAR2_SIZE,
+                mem64=True,
+                prefetch=True,
+                plain=False,  # QM registers (vfiomig.hw.hisi_qm)
+            ),
+            PciBar(),
+            PciBar(),
+            PciBar(),
+        ),
+        is_virtfn=True,
+        pcie_type=0x9,  # PCI_EXP_TYPE_RC_END
+        msi_vectors=4,
+        reset_scope=None,
+        bus=0x76,
+        devfn=vf_id & 0xFF,
+    )
+
+
+class HisiAccDevice(VfioPciCoreDevice):
     kind = "hisi_acc"
     # Integrated endpoints cannot do P2P: STOP_COPY | PRE_COPY only.
     migration_flags = v.VFIO_MIGRATION_STOP_COPY | v.VFIO_MIGRATION_PRE_COPY
@@ -435,7 +493,9 @@ class HisiAccDevice(VfioDevice):
     ) -> None:
         if vf_id < 1:  # hisi_acc_vdev->vf_id = pci_iov_vf_id(pdev) + 1
             raise ValueError(f"vf_id must be >= 1, got {vf_id!r}")
-        super().__init__(kernel, index, iommu_dirty=iommu_dirty)
+        super().__init__(
+            kernel, index, iommu_dirty=iommu_dirty, pci=hisi_acc_vf_function(dev_id, vf_id)
+        )
         self.pf = HisiQmPf(que_iso_cfg)
         self.pf.set_vft(vf_id, (vf_id - 1) * qp_num if qp_base is None else qp_base, qp_num)
         self.qm = HisiQmVf(kernel.mm, f"hisi_acc{index}", self.pf, vf_id, dev_id)
@@ -445,8 +505,88 @@ class HisiAccDevice(VfioDevice):
         self.vf_qm_state = QM_NOT_READY  # hisi_acc_vfio_pci_migrn_init_dev
         self.match_done = False
         if not pf_driver:
-            # Without the PF's QM driver probe falls back to plain vfio-pci ops: no mig_ops.
+            # Without the PF's QM driver probe falls back to plain vfio-pci ops: no mig_ops,
+            # and the core's region info / read / write / mmap (all of BAR2 visible).
             self.migration_flags = 0
+        self.hide_mig_region = pf_driver  # hisi_acc_vfio_pci_migrn_ops
+
+    # -- BAR2: the migration half hidden (hisi_acc_vfio_ioctl_get_region, hisi_acc_vfio_pci_
+    # read / _write / _mmap); the other vfio-pci ops are the core's. IOEVENTFD is not
+    # overridden: vfio_pci_ioeventfd checks against the whole BAR, so an ioeventfd can
+    # still write the hidden half, as in the kernel.
+
+    def get_region_info_caps(self, info: v.vfio_region_info, caps: VfioInfoCap) -> None:
+        """hisi_acc_vfio_ioctl_get_region: BAR2 reports its functional half."""
+        if not self.hide_mig_region or info.index != v.VFIO_PCI_BAR2_REGION_INDEX:
+            super().get_region_info_caps(info, caps)
+            return
+        info.offset = VFIO_PCI_INDEX_TO_OFFSET(info.index)
+        info.size = self.pci.bars[2].size // 2
+        info.flags = (
+            v.VFIO_REGION_INFO_FLAG_READ
+            | v.VFIO_REGION_INFO_FLAG_WRITE
+            | v.VFIO_REGION_INFO_FLAG_MMAP
+        )
+
+    def _rw_access_check(self, count: int, pos: int) -> int:
+        """hisi_acc_pci_rw_access_check: BAR2 accesses stop at its functional half."""
+        if self.hide_mig_region and pos >> VFIO_PCI_OFFSET_SHIFT == v.VFIO_PCI_BAR2_REGION_INDEX:
+            off = pos & VFIO_PCI_OFFSET_MASK
+            end = self.pci.bars[2].size // 2
+            if off >= end:  # the migration control region
+                raise err(EINVAL)
+            return min(count, end - off)
+        return count
+
+    def ops_read(self, n: int, pos: int) -> bytes:
+        return super().ops_read(self._rw_access_check(n, pos), pos)
+
+    def ops_write(self, data: bytes, pos: int) -> int:
+        return super().ops_write(data[: self._rw_access_check(len(data), pos)], pos)
+
+    def ops_mmap(self, mm: Memory, size: int, pgoff: int) -> Region:
+        """hisi_acc_vfio_pci_mmap."""
+        index = pgoff >> (VFIO_PCI_OFFSET_SHIFT - PAGE_SHIFT)
+        if self.hide_mig_region and index == v.VFIO_PCI_BAR2_REGION_INDEX:
+            req_start = (pgoff & ((1 << (VFIO_PCI_OFFSET_SHIFT - PAGE_SHIFT)) - 1)) << PAGE_SHIFT
+            if req_start + size > self.pci.bars[2].size // 2:
+                raise err(EINVAL)
+        return super().ops_mmap(mm, size, pgoff)
+
+    def mmio_read(self, bar: int, off: int, size: int) -> int:
+        """BAR2 is the QM's register file: dword reads (readl); a qword is two dwords, and
+        narrower reads take their bytes from the dword."""
+        if bar != 2:
+            return super().mmio_read(bar, off, size)
+        if size == 8:
+            return self.qm.readl(off) | self.qm.readl(off + 4) << 32
+        word = self.qm.readl(off & ~3) >> 8 * (off & 3)
+        return int(word & ((1 << 8 * size) - 1))
+
+    def mmio_write(self, bar: int, off: int, size: int, val: int) -> None:
+        """writel for dwords; a qword at a doorbell is the QM's 64-bit doorbell write
+        (writeq), elsewhere two dwords; narrower writes merge into the dword. The QM mailbox
+        needs a 128-bit write, which no region write makes: its dwords are just stored."""
+        if bar != 2:
+            super().mmio_write(bar, off, size, val)
+            return
+        if size == 8:
+            if off in (q.QM_DOORBELL_SQ_CQ_BASE_V2, q.QM_DOORBELL_EQ_AEQ_BASE_V2):
+                self.qm.writeq(val, off)
+            else:
+                self.qm.writel(val & 0xFFFFFFFF, off)
+                self.qm.writel(val >> 32, off + 4)
+            return
+        if size == 4:
+            self.qm.writel(val, off)
+            return
+        shift = 8 * (off & 3)
+        mask = ((1 << 8 * size) - 1) << shift
+        word = self.qm.readl(off & ~3)
+        self.qm.writel((word & ~mask) | (val << shift & mask), off & ~3)
+
+    def mmio_backing(self, bar: int) -> npt.NDArray[np.uint8] | None:
+        return None  # registers: an mmap is address space only
 
     def open_device(self) -> None:
         """hisi_acc_vfio_pci_open_device: RUNNING, and a fresh match check per open."""

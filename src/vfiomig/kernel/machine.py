@@ -1,6 +1,7 @@
 """ModelKernel: one modelled Linux 7.2 machine seen from one process.
 
-The syscall surface (open, ioctl, read, write, close, mmap, memfd_create, ftruncate) is the
+The syscall surface (open, ioctl, read, write, pread, pwrite, close, mmap, memfd_create,
+ftruncate, eventfd) is the
 only way in, and every failure leaves it as OSError with the errno the real syscall gives,
 whatever is passed: what stands for a pointer but is no contiguous buffer (None, a str, a
 strided view) is EFAULT, a number of the wrong type EINVAL, an fd that is not open EBADF,
@@ -21,7 +22,7 @@ from __future__ import annotations
 import os
 import select
 from collections.abc import Callable
-from errno import EBADF, EFAULT, EINVAL, ENODEV, ENOENT, EOVERFLOW
+from errno import EBADF, EFAULT, EINVAL, ENOENT, EOVERFLOW
 from typing import Any
 
 import numpy as np
@@ -142,11 +143,25 @@ class ModelKernel:
         return self.fdt.get(fd).llseek(offset, whence)
 
     def pread(self, fd: int, n: int, offset: int) -> bytes:
+        """ksys_pread64: a negative offset EINVAL before the fd (EBADF); files without
+        FMODE_PREAD (stream files) ESPIPE (File.pread)."""
+        if not isinstance(offset, int) or offset < 0:
+            raise err(EINVAL)
         f = self.fdt.get(fd)
         if not f.readable:
             raise err(EBADF)
-        f.llseek(offset, os.SEEK_SET)  # stream files (no llseek) are ESPIPE, as ksys_pread64
-        return f.read(n)
+        if not isinstance(n, int) or n < 0:
+            raise err(EINVAL)  # a size_t: no negative count reaches the kernel
+        return f.pread(n, offset)
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        """ksys_pwrite64, as pread."""
+        if not isinstance(offset, int) or offset < 0:
+            raise err(EINVAL)
+        f = self.fdt.get(fd)
+        if not f.writable:
+            raise err(EBADF)
+        return f.pwrite(user_buffer(data), offset)
 
     def close(self, fd: int) -> None:
         self.fdt.close(fd)
@@ -180,6 +195,13 @@ class ModelKernel:
             f.release()
             raise
 
+    def eventfd(self, initval: int = 0, flags: int = 0) -> int:
+        """eventfd2(2): a new eventfd (kernel/eventfd.py). Flags other than EFD_SEMAPHORE,
+        EFD_CLOEXEC, EFD_NONBLOCK are EINVAL, no free fd EMFILE."""
+        from vfiomig.kernel.eventfd import eventfd_create
+
+        return self.fdt.install(eventfd_create(initval, flags))
+
     def ftruncate(self, fd: int, length: int) -> None:
         """ftruncate(2) (fs/open.c do_sys_ftruncate): a negative length is EINVAL before the
         fd is looked up (EBADF); anything but a memfd is not a regular file here: EINVAL."""
@@ -197,7 +219,8 @@ class ModelKernel:
     ) -> tuple[int, npt.NDArray[np.uint8] | None]:
         """mmap(MAP_SHARED) of a file: the region shares the file's bytes (sys_mmap's offset
         check EINVAL, then the fd EBADF, then do_mmap: no length EINVAL, no ->mmap ENODEV,
-        the page offset overflowing EOVERFLOW). Only a memfd has ->mmap in the model."""
+        the page offset overflowing EOVERFLOW). A memfd maps its pages; other files answer
+        through File.mmap (a VFIO device fd: its regions, ENODEV for files without ->mmap)."""
         from vfiomig.kernel.memfd import MAX_LFS_FILESIZE, MemfdFile, page_align
 
         if not isinstance(offset, int) or offset < 0 or offset % PAGE_SIZE:
@@ -205,9 +228,10 @@ class ModelKernel:
         f = self.fdt.get(fd)
         if not isinstance(length, int) or length <= 0:
             raise err(EINVAL)
-        if not isinstance(f, MemfdFile):
-            raise err(ENODEV)
         size = page_align(length)
+        if not isinstance(f, MemfdFile):
+            r = f.mmap(self.mm, size, offset)  # ENODEV: no ->mmap (File.mmap)
+            return r.addr, r.data
         if offset + size > MAX_LFS_FILESIZE:
             raise err(EOVERFLOW)
         r = self.mm.map_data(f.pages(offset, size), offset)  # ENOMEM

@@ -18,19 +18,32 @@ Migration (mtty_step_state and friends):
   positions unchecked, as mtty.c does); one outside the FIFO is logged when the UART uses it;
 * VFIO_DEVICE_RESET (mtty_reset): state RUNNING, data files disabled; the ports keep their
   contents (mtty resets no UART state).
+* the device fd (mtty_ioctl, mtty_read / mtty_write): GET_INFO (kept in dev_info, whose
+  num_irqs bounds the IRQ ioctls), GET_REGION_INFO, GET_IRQ_INFO, SET_IRQS with the UART's
+  interrupts delivered to eventfds, config space and BAR access through mdev_access;
+  docs/kernel-vfio.md has the rules and where the model stops.
 """
 
 from __future__ import annotations
 
 import ctypes
-from errno import EFAULT, EINVAL
+import struct
+from errno import EFAULT, EINVAL, ENOTTY
 from typing import TYPE_CHECKING
 
 from vfiomig.hw.device import DmaDevice
 from vfiomig.kernel.errors import err
+from vfiomig.kernel.eventfd import EventfdCtx, eventfd_ctx_fdget
 from vfiomig.kernel.fs import File
 from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
 from vfiomig.kernel.machine import DRIVERS
+from vfiomig.kernel.uaccess import UserArg
+from vfiomig.kernel.vfio_device_fops import (
+    IRQ_SET_MINSZ,
+    VfioInfoCap,
+    memdup_user,
+    vfio_set_irqs_validate_and_prepare,
+)
 from vfiomig.kernel.vfio_fsm import (
     PRE_COPY,
     PRE_COPY_P2P,
@@ -47,6 +60,9 @@ from vfiomig.uapi import vfio as v
 
 if TYPE_CHECKING:
     from vfiomig.kernel.machine import ModelKernel
+
+_INFO_MINSZ = 16  # offsetofend(struct vfio_device_info, num_irqs)
+_IRQ_INFO_MINSZ = 16  # offsetofend(struct vfio_irq_info, count)
 
 # -- the emulated 16550 (include/uapi/linux/serial_reg.h, mtty.c) ------------------------------
 
@@ -128,8 +144,8 @@ class MttyHw(DmaDevice):
     """The ports of one mtty device (mdev_state->s[]); port i is BAR i.
 
     mtty does no DMA; deriving from DmaDevice only gives it the common hardware face.
-    `interrupts` counts mtty_trigger_interrupt() calls: delivery to an eventfd needs
-    VFIO_DEVICE_SET_IRQS, which is not modelled.
+    `interrupts` counts mtty_trigger_interrupt() calls; each is delivered to the INTx or MSI
+    eventfd VFIO_DEVICE_SET_IRQS set up (MttyDevice.trigger_interrupt).
     """
 
     def __init__(self, dev: MttyDevice, nr_ports: int) -> None:
@@ -148,18 +164,22 @@ class MttyHw(DmaDevice):
 
     def _irq(self) -> None:
         self.interrupts += 1
+        self.dev.trigger_interrupt()
 
     # -- guest register access (handle_bar_write / handle_bar_read) ---------------------------
 
     def bar_write(self, index: int, offset: int, data: int) -> None:
-        s = self._port(index)
-        data &= 0xFF
-        handler = _BAR_WRITE.get(offset)
-        if handler is not None:
-            handler(self, s, data)
+        self.handle_bar_write(self._port(index), offset, data)
 
     def bar_read(self, index: int, offset: int) -> int:
-        s = self._port(index)
+        return self.handle_bar_read(self._port(index), offset)
+
+    def handle_bar_write(self, s: serial_port, offset: int, data: int) -> None:
+        handler = _BAR_WRITE.get(offset)
+        if handler is not None:
+            handler(self, s, data & 0xFF)
+
+    def handle_bar_read(self, s: serial_port, offset: int) -> int:
         handler = _BAR_READ.get(offset)
         return handler(self, s) if handler is not None else 0
 
@@ -421,6 +441,39 @@ class MttyResumingFile(ResumingFile):
         self.pos = 0
 
 
+# -- the emulated PCI function (mtty_create_config_space, handle_pci_cfg_write, mdev_access) --
+
+MTTY_CONFIG_SPACE_SIZE = 0xFF  # kzalloc'd: offsets from 0xff on are past the buffer
+MTTY_IO_BAR_SIZE = 0x8
+MTTY_VFIO_PCI_OFFSET_SHIFT = 40
+MTTY_VFIO_PCI_OFFSET_MASK = (1 << MTTY_VFIO_PCI_OFFSET_SHIFT) - 1
+MTTY_BAR_MASK = (~MTTY_IO_BAR_SIZE + 1) & 0xFFFFFFFF  # bar_mask[i] = ~(MTTY_IO_BAR_SIZE) + 1
+MAX_RW_COUNT = 0x7FFFF000  # fs/read_write.c: INT_MAX & PAGE_MASK
+# The model answers at most this many bytes per read/write of an mtty region (a short
+# count, which read(2)/write(2) allow): mtty_read would go on through the registers'
+# 64 KiB aliases and uninitialized stack bytes (see MttyDevice.ops_read).
+MTTY_RW_MODEL_MAX = 1 << 20
+_UNSET = -1  # irq_index when neither INTx nor MSI is set up
+
+
+def mtty_create_config_space(nr_ports: int) -> bytearray:
+    """mtty_create_config_space: the 0xff-byte virtual config space."""
+    c = bytearray(MTTY_CONFIG_SPACE_SIZE)
+    struct.pack_into("<I", c, 0x0, 0x32534348)  # PCI dev ID
+    struct.pack_into("<H", c, 0x4, 0x0001)  # Control: I/O+, Mem-, BusMaster-
+    struct.pack_into("<H", c, 0x6, 0x0200)  # Status: capabilities list absent
+    c[0x8], c[0x9], c[0xA], c[0xB] = 0x10, 0x02, 0x00, 0x07  # rev, 16550, serial
+    struct.pack_into("<I", c, 0x10, 0x000001)  # BAR0: I/O space
+    if nr_ports == 2:
+        struct.pack_into("<I", c, 0x14, 0x000001)  # BAR1: I/O space
+    struct.pack_into("<I", c, 0x2C, 0x32534348)  # Subsystem ID
+    c[0x34] = 0x00  # Cap Ptr
+    c[0x3D] = 0x01  # interrupt pin (INTA#)
+    c[0x40], c[0x43], c[0x44], c[0x48], c[0x4C] = 0x23, 0x80, 0x23, 0x23, 0x23
+    c[0x60:0x6F] = b"PCI Serial/UART"
+    return c
+
+
 # -- the vfio_device (mtty_dev_ops, mtty_migration_ops, mtty_log_ops) -----------------------------
 
 # Arcs that only change the state (mtty does no DMA and needs no explicit start/stop).
@@ -462,6 +515,13 @@ class MttyDevice(VfioDevice):
         self.nr_ports = nr_ports
         self.mtty_hw = MttyHw(self, nr_ports)
         self.hw = self.mtty_hw
+        # mdev_state lives as long as the mdev: none of this is reset on open or close
+        self.vconfig = mtty_create_config_space(nr_ports)
+        self.num_irqs = 0  # mdev_state->dev_info.num_irqs: set by VFIO_DEVICE_GET_INFO
+        self.irq_index = _UNSET
+        self.intx_evtfd: EventfdCtx | None = None
+        self.msi_evtfd: EventfdCtx | None = None
+        self.intx_mask = False
 
     # -- open ------------------------------------------------------------------------
 
@@ -521,6 +581,290 @@ class MttyDevice(VfioDevice):
     # reset(): VfioDevice.reset is mtty_reset -> mtty_state_mutex_unlock's deferred reset:
     # RUNNING, files disabled (deferral only matters with a concurrent state change, which
     # the model has not). The UART ports keep their contents.
+
+    def close_device(self) -> None:
+        """mtty_close: files disabled, INTx and MSI eventfds dropped."""
+        self.mtty_disable_intx()
+        self.mtty_disable_msi()
+        super().close_device()
+
+    # -- mtty_ioctl ---------------------------------------------------------------------
+
+    def ioctl_get_info(self, arg: UserArg | int) -> int:
+        """VFIO_DEVICE_GET_INFO: the answer is also kept in mdev_state->dev_info, whose
+        num_irqs bounds GET_IRQ_INFO and SET_IRQS (0 until the first GET_INFO)."""
+        if isinstance(arg, int):
+            raise err(EFAULT)
+        argsz = arg.get(v.vfio_device_info, size=_INFO_MINSZ).argsz
+        if argsz < _INFO_MINSZ:
+            raise err(EINVAL)
+        info = v.vfio_device_info(
+            argsz=argsz, flags=self.info_flags, num_regions=self.num_regions, num_irqs=self.num_irqs
+        )
+        info.num_irqs = v.VFIO_PCI_NUM_IRQS  # mtty_get_device_info
+        self.num_irqs = info.num_irqs  # memcpy(&mdev_state->dev_info, &info, ...)
+        arg.put(info, size=_INFO_MINSZ)
+        return 0
+
+    def device_ioctl(self, cmd: int, arg: UserArg | int) -> int:
+        if cmd == v.VFIO_DEVICE_GET_IRQ_INFO:
+            return self._ioctl_get_irq_info(arg)
+        if cmd == v.VFIO_DEVICE_SET_IRQS:
+            return self._ioctl_set_irqs(arg)
+        raise err(ENOTTY)  # no hot reset, no IOEVENTFD: mtty_ioctl's default
+
+    def _ioctl_get_irq_info(self, arg: UserArg | int) -> int:
+        if isinstance(arg, int):
+            raise err(EFAULT)
+        info = arg.get(v.vfio_irq_info, size=_IRQ_INFO_MINSZ)
+        if info.argsz < _IRQ_INFO_MINSZ or info.index >= self.num_irqs:
+            raise err(EINVAL)
+        # mtty_get_irq_info: INTx and MSI only, one vector each
+        if info.index not in (v.VFIO_PCI_INTX_IRQ_INDEX, v.VFIO_PCI_MSI_IRQ_INDEX):
+            raise err(EINVAL)
+        info.flags = v.VFIO_IRQ_INFO_EVENTFD
+        info.count = 1
+        if info.index == v.VFIO_PCI_INTX_IRQ_INDEX:
+            info.flags |= v.VFIO_IRQ_INFO_MASKABLE | v.VFIO_IRQ_INFO_AUTOMASKED
+        else:
+            info.flags |= v.VFIO_IRQ_INFO_NORESIZE
+        arg.put(info, size=_IRQ_INFO_MINSZ)
+        return 0
+
+    def _ioctl_set_irqs(self, arg: UserArg | int) -> int:
+        if isinstance(arg, int):
+            raise err(EFAULT)
+        hdr = arg.get(v.vfio_irq_set, size=IRQ_SET_MINSZ)
+        # the bound on start + count is dev_info.num_irqs (5 after GET_INFO), not a vector count
+        data_size = vfio_set_irqs_validate_and_prepare(hdr, self.num_irqs, v.VFIO_PCI_NUM_IRQS)
+        data = memdup_user(arg, IRQ_SET_MINSZ, data_size) if data_size else b""
+        self.mtty_set_irqs(hdr.flags, hdr.index, hdr.start, hdr.count, data)
+        return 0
+
+    # -- interrupts (mtty_set_irqs, mtty_trigger_interrupt) ----------------------------
+
+    def trigger_interrupt(self) -> None:
+        """mtty_trigger_interrupt: MSI signals its eventfd; INTx signals once, then stays
+        masked until unmasked (auto-masked)."""
+        if self.irq_index == v.VFIO_PCI_MSI_IRQ_INDEX:
+            if self.msi_evtfd is not None:
+                self.msi_evtfd.signal()
+        elif self.irq_index == v.VFIO_PCI_INTX_IRQ_INDEX:
+            if self.intx_evtfd is not None and not self.intx_mask:
+                self.intx_evtfd.signal()
+                self.intx_mask = True
+
+    def mtty_disable_intx(self) -> None:
+        if self.intx_evtfd is not None:
+            self.intx_evtfd = None
+            self.intx_mask = False
+            self.irq_index = _UNSET
+
+    def mtty_disable_msi(self) -> None:
+        if self.msi_evtfd is not None:
+            self.msi_evtfd = None
+            self.irq_index = _UNSET
+
+    def mtty_set_irqs(self, flags: int, index: int, start: int, count: int, data: bytes) -> None:
+        """mtty_set_irqs. An action the switch does not name (none, or several bits) falls
+        through to success for INTx and MSI."""
+        action = flags & v.VFIO_IRQ_SET_ACTION_TYPE_MASK
+        is_intx = self.irq_index == v.VFIO_PCI_INTX_IRQ_INDEX
+        is_msi = self.irq_index == v.VFIO_PCI_MSI_IRQ_INDEX
+        is_noirq = not is_intx and not is_msi
+        if index == v.VFIO_PCI_INTX_IRQ_INDEX:
+            if action in (v.VFIO_IRQ_SET_ACTION_MASK, v.VFIO_IRQ_SET_ACTION_UNMASK):
+                if not is_intx or start != 0 or count != 1:
+                    raise err(EINVAL)
+                masked = action == v.VFIO_IRQ_SET_ACTION_MASK
+                if flags & v.VFIO_IRQ_SET_DATA_NONE:
+                    self.intx_mask = masked
+                elif flags & v.VFIO_IRQ_SET_DATA_BOOL:
+                    if data[0]:
+                        self.intx_mask = masked
+                elif flags & v.VFIO_IRQ_SET_DATA_EVENTFD:
+                    raise err(ENOTTY)  # no support for (un)mask fds
+            elif action == v.VFIO_IRQ_SET_ACTION_TRIGGER:
+                self._set_trigger(
+                    flags, start, count, data, msi=False, is_mine=is_intx, is_noirq=is_noirq
+                )
+        elif index == v.VFIO_PCI_MSI_IRQ_INDEX:
+            if action in (v.VFIO_IRQ_SET_ACTION_MASK, v.VFIO_IRQ_SET_ACTION_UNMASK):
+                raise err(ENOTTY)
+            if action == v.VFIO_IRQ_SET_ACTION_TRIGGER:
+                self._set_trigger(
+                    flags, start, count, data, msi=True, is_mine=is_msi, is_noirq=is_noirq
+                )
+        else:  # MSI-X, ERR, REQ
+            raise err(ENOTTY)
+
+    def _set_trigger(
+        self,
+        flags: int,
+        start: int,
+        count: int,
+        data: bytes,
+        *,
+        msi: bool,
+        is_mine: bool,
+        is_noirq: bool,
+    ) -> None:
+        disable = self.mtty_disable_msi if msi else self.mtty_disable_intx
+        if is_mine and not count and flags & v.VFIO_IRQ_SET_DATA_NONE:
+            disable()
+            return
+        if not (is_mine or is_noirq) or start != 0 or count != 1:
+            raise err(EINVAL)
+        if flags & v.VFIO_IRQ_SET_DATA_EVENTFD:
+            fd = struct.unpack_from("<i", data)[0]
+            disable()
+            if fd < 0:
+                return
+            evt = eventfd_ctx_fdget(self.kernel.fdt.files, fd)  # EBADF / EINVAL
+            if msi:
+                self.msi_evtfd = evt
+                self.irq_index = v.VFIO_PCI_MSI_IRQ_INDEX
+            else:
+                self.intx_evtfd = evt
+                self.irq_index = v.VFIO_PCI_INTX_IRQ_INDEX
+            return
+        if not is_mine:
+            raise err(EINVAL)
+        if flags & v.VFIO_IRQ_SET_DATA_NONE or flags & v.VFIO_IRQ_SET_DATA_BOOL and data[0]:
+            self.trigger_interrupt()
+
+    # -- VFIO_DEVICE_GET_REGION_INFO (mtty_ioctl_get_region_info) -----------------------
+
+    def get_region_info_caps(self, info: v.vfio_region_info, caps: VfioInfoCap) -> None:
+        """Config space 0xff bytes, BAR0 (and BAR1 with two ports) 8 bytes of I/O, every
+        other region of the nine size 0; READ|WRITE for all of them, never MMAP."""
+        index = info.index
+        if index >= v.VFIO_PCI_NUM_REGIONS:
+            raise err(EINVAL)
+        size = 0
+        if index == v.VFIO_PCI_CONFIG_REGION_INDEX:
+            size = MTTY_CONFIG_SPACE_SIZE
+        elif index == v.VFIO_PCI_BAR0_REGION_INDEX:
+            size = MTTY_IO_BAR_SIZE
+        elif index == v.VFIO_PCI_BAR1_REGION_INDEX and self.nr_ports == 2:
+            size = MTTY_IO_BAR_SIZE
+        info.size = size
+        info.offset = index << MTTY_VFIO_PCI_OFFSET_SHIFT
+        info.flags = v.VFIO_REGION_INFO_FLAG_READ | v.VFIO_REGION_INFO_FLAG_WRITE
+
+    # -- read / write (mtty_read / mtty_write -> mdev_access) --------------------------
+
+    def ops_read(self, n: int, pos: int) -> bytes:
+        """mtty_read: 4/2/1-byte pieces by alignment, each through mdev_access; a region
+        mdev_access does not know (ROM, VGA, past the nine) is EFAULT. Reading a BAR fills
+        only the first byte of a piece from the register at (u16) offset: the rest of the
+        piece is uninitialized kernel stack in mtty.c, zeros here."""
+        out = bytearray()
+        self._access(pos, min(n, MAX_RW_COUNT, MTTY_RW_MODEL_MAX), out, None)
+        return bytes(out)
+
+    def ops_write(self, data: bytes, pos: int) -> int:
+        """mtty_write: as mtty_read; a BAR piece writes its first byte to the register."""
+        data = data[: min(MAX_RW_COUNT, MTTY_RW_MODEL_MAX)]
+        return self._access(pos, len(data), None, data)
+
+    def _access(self, pos: int, count: int, out: bytearray | None, data: bytes | None) -> int:
+        done = 0
+        while count:
+            index = pos >> MTTY_VFIO_PCI_OFFSET_SHIFT
+            offset = pos & MTTY_VFIO_PCI_OFFSET_MASK
+            if index == v.VFIO_PCI_CONFIG_REGION_INDEX:
+                n = self._config_piece(offset, count, out, data, done)
+            elif index <= v.VFIO_PCI_BAR5_REGION_INDEX:
+                n = self._bar_piece(index, offset, count, out, data, done)
+            else:
+                raise err(EFAULT)  # mdev_access returns -1: mtty_read/_write say EFAULT
+            pos += n
+            done += n
+            count -= n
+        return done
+
+    @staticmethod
+    def _piece(pos: int, count: int) -> int:
+        return 4 if count >= 4 and not pos % 4 else 2 if count >= 2 and not pos % 2 else 1
+
+    def _config_piece(
+        self, offset: int, count: int, out: bytearray | None, data: bytes | None, done: int
+    ) -> int:
+        if data is None:
+            assert out is not None
+            if offset >= MTTY_CONFIG_SPACE_SIZE:
+                # memcpy from vconfig + offset: past the 0xff-byte buffer, up to the next
+                # region (a kernel out-of-bounds read). Zeros here, in one stretch.
+                n = min(count, (1 << MTTY_VFIO_PCI_OFFSET_SHIFT) - offset)
+                self.warn(
+                    f"mtty: config read at {offset:#x} is past vconfig[{MTTY_CONFIG_SPACE_SIZE:#x}]"
+                )
+                out += bytes(n)
+                return n
+            n = self._piece(offset, count)
+            piece = self.vconfig[offset : offset + n]
+            if len(piece) < n:
+                self.warn(
+                    f"mtty: config read at {offset:#x} runs past vconfig[{MTTY_CONFIG_SPACE_SIZE:#x}]"
+                )
+            out += piece.ljust(n, b"\0")
+            return n
+        n = self._piece(offset, count)
+        self.handle_pci_cfg_write(offset & 0xFFFF, data[done : done + n])
+        return n
+
+    def handle_pci_cfg_write(self, offset: int, buf: bytes) -> None:
+        """handle_pci_cfg_write (offset is a u16): only the interrupt line and BARs 0-4
+        change; a BAR write takes 4 bytes from the buffer whatever its size (the missing
+        ones are stack bytes in mtty.c, zeros here)."""
+        c = self.vconfig
+        if offset == 0x3C:
+            c[0x3C] = buf[0]
+        elif offset in (0x10, 0x14):
+            bar_index = 0 if offset == 0x10 else 1
+            if self.nr_ports == 1 and bar_index == 1:
+                struct.pack_into("<I", c, offset, 0)
+                return
+            cfg_addr = int.from_bytes(buf[:4].ljust(4, b"\0"), "little")
+            if cfg_addr == 0xFFFFFFFF:
+                cfg_addr &= MTTY_BAR_MASK
+            cfg_addr |= c[offset] & 0x3
+            struct.pack_into("<I", c, offset, cfg_addr)
+        elif offset in (0x18, 0x1C, 0x20):
+            struct.pack_into("<I", c, offset, 0)
+        # 0x04, 0x06, 0x3d and anything else: "not handled"
+
+    def _bar_piece(
+        self,
+        index: int,
+        offset: int,
+        count: int,
+        out: bytearray | None,
+        data: bytes | None,
+        done: int,
+    ) -> int:
+        reg = offset & 0xFFFF  # handle_bar_{read,write} take a u16 offset: 64 KiB aliases
+        port = self.mtty_hw.ports[index] if index < len(self.mtty_hw.ports) else None
+        if port is None or reg >= 8:
+            # No register here: nothing happens (past s[1] mtty.c reads or corrupts the
+            # rest of mdev_state; the model logs that). Skip to the next register alias.
+            if port is None:
+                self.warn(f"mtty: BAR{index} access uses s[{index}], past the 2 ports")
+                n = min(count, (1 << MTTY_VFIO_PCI_OFFSET_SHIFT) - offset)
+            else:
+                n = min(count, 0x10000 - reg)
+            if out is not None:
+                out += bytes(n)
+            return n
+        n = self._piece(offset, count)
+        hw = self.mtty_hw
+        if data is None:
+            assert out is not None
+            out += bytes([hw.handle_bar_read(port, reg)]) + bytes(n - 1)
+        else:
+            hw.handle_bar_write(port, reg, data[done])
+        return n
 
     # -- DMA logging: present, does nothing (mtty_log_start/stop/read_and_clear) --------
 

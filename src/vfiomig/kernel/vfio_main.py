@@ -4,8 +4,9 @@ Follows drivers/vfio/vfio_main.c (7.2) and include/linux/vfio.h:
 
 * `VfioDeviceFile` is struct vfio_device_file, one open of /dev/vfio/devices/vfioN.
   vfio_device_fops_unl_ioctl: BIND_IOMMUFD first, then EINVAL until access is granted,
-  then the cdev-only ATTACH/DETACH, then VFIO_DEVICE_FEATURE, then the driver's ioctl
-  (GET_INFO, RESET, anything else ENOTTY as vfio_pci_core_ioctl's default).
+  then the cdev-only ATTACH/DETACH, then VFIO_DEVICE_FEATURE and GET_REGION_INFO (the
+  core's, kernel/vfio_device_fops.py), then the driver's ioctl (GET_INFO, RESET, the
+  driver's own, anything else ENOTTY as vfio_pci_core_ioctl's default).
 * `vfio_ioctl_device_feature` + `vfio_check_feature` + the core feature handlers
   (MIGRATION, MIG_DEVICE_STATE, MIG_DATA_SIZE, MIG_PRECOPY_INFOv2, DMA_LOGGING_*), check
   for check in the kernel's order.
@@ -36,6 +37,10 @@ migratable device):
     log_read_and_clear(iova, length, bitmap: IovaBitmap)
     device_feature(flags, arg, argsz)  # feature indexes the core does not handle (ENOTTY)
     device_ioctl(cmd, arg)             # device ioctls other than GET_INFO/RESET (ENOTTY)
+    get_region_info_caps(info, caps)   # optional: VFIO_DEVICE_GET_REGION_INFO (else EINVAL)
+    ops_read(n, pos) / ops_write(data, pos) / ops_mmap(mm, size, pgoff)
+                                       # optional region access (else EINVAL)
+    pm_runtime_get()                   # optional: runtime PM resume before every ioctl
 """
 
 from __future__ import annotations
@@ -54,11 +59,18 @@ from vfiomig.kernel.errors import err
 from vfiomig.kernel.fs import File
 from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
 from vfiomig.kernel.uaccess import UserArg, user_read
+from vfiomig.kernel.vfio_device_fops import (
+    vfio_device_fops_mmap,
+    vfio_device_fops_read,
+    vfio_device_fops_write,
+    vfio_get_region_info,
+)
 from vfiomig.kernel.vfio_fsm import MIG_PRE_COPY, RUNNING
 from vfiomig.kernel.vfio_migration import ResumingFile, SavingFile, mig_set_state
 from vfiomig.uapi import vfio as v
 
 if TYPE_CHECKING:
+    from vfiomig.hw.memory import Memory, Region
     from vfiomig.kernel.machine import ModelKernel
 
 FEATURE_HDR = 8  # offsetofend(struct vfio_device_feature, flags)
@@ -248,10 +260,29 @@ class VfioDeviceFile(File):
     def ioctl(self, cmd: int, arg: UserArg | int) -> int:
         return vfio_device_fops_unl_ioctl(self, cmd, arg)
 
+    # read/write/mmap: vfio_device_fops_{read,write,mmap} (kernel/vfio_device_fops.py). The
+    # file has no llseek (ESPIPE) but positional I/O: read()/write() use and advance the
+    # file position on success, pread()/pwrite() do not touch it.
+    pos = 0
+
     def read(self, n: int) -> bytes:
-        # Region access is not modelled: vfio_device_fops_read's EINVAL before access is
-        # granted, and afterwards what a device without a read op answers.
-        raise err(EINVAL)
+        data = vfio_device_fops_read(self, n, self.pos)
+        self.pos += len(data)
+        return data
+
+    def write(self, data: bytes) -> int:
+        done = vfio_device_fops_write(self, data, self.pos)
+        self.pos += done
+        return done
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return vfio_device_fops_read(self, n, offset)
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        return vfio_device_fops_write(self, data, offset)
+
+    def mmap(self, mm: Memory, size: int, offset: int) -> Region:
+        return vfio_device_fops_mmap(self, mm, size, offset)
 
     def release(self) -> None:
         """vfio_device_fops_release: the cdev path unbinds (which closes the device)."""
@@ -266,19 +297,31 @@ def vfio_device_fops_unl_ioctl(df: VfioDeviceFile, cmd: int, arg: UserArg | int)
     if cmd == v.VFIO_DEVICE_FEATURE:  # the hot path first; access is checked inside
         if not df.access_granted:
             raise err(EINVAL)
+        vfio_device_pm_runtime_get(df.device)
         return vfio_ioctl_device_feature(df.device, arg)
     if cmd == v.VFIO_DEVICE_BIND_IOMMUFD:
         return device_cdev.vfio_df_ioctl_bind_iommufd(df, arg)
     if not df.access_granted:  # paired with the store after vfio_df_open()
         raise err(EINVAL)
+    vfio_device_pm_runtime_get(df.device)
     if df.group is None and cmd in _CDEV_ONLY:  # cdev-only ioctls (device_cdev.py)
         return _CDEV_ONLY[cmd](df, arg)
     dev = df.device
+    if cmd == v.VFIO_DEVICE_GET_REGION_INFO:  # answered by the core since 6.19
+        return vfio_get_region_info(dev, arg)
     if cmd == v.VFIO_DEVICE_GET_INFO:
         return dev.ioctl_get_info(arg)
     if cmd == v.VFIO_DEVICE_RESET:
         return dev.ioctl_reset()
     return dev.device_ioctl(cmd, arg)
+
+
+def vfio_device_pm_runtime_get(dev: VfioDevice) -> None:
+    """vfio_device_pm_runtime_get: a driver with runtime PM (vfio-pci) resumes the device
+    for the ioctl (pm_runtime_get in kernel/vfio_pci_core.py)."""
+    resume = getattr(dev, "pm_runtime_get", None)
+    if resume is not None:
+        resume()
 
 
 _CDEV_ONLY: dict[int, Callable[[Any, UserArg | int], int]] = {

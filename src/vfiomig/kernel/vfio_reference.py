@@ -84,8 +84,8 @@ from vfiomig.kernel.vfio_fsm import (
     state_from_name,
     state_supported,
 )
-from vfiomig.kernel.vfio_main import VfioDevice
 from vfiomig.kernel.vfio_migration import ResumingFile, SavingFile, mig_set_state
+from vfiomig.kernel.vfio_pci_core import PciBar, PciFunction, VfioPciCoreDevice
 from vfiomig.uapi import vfio as v
 
 DEFECTS = frozenset(
@@ -544,8 +544,38 @@ def _parse_fail_arc(spec: Any) -> tuple[int, int, str | int] | None:
     return state_from_name(src), state_from_name(dst), mode
 
 
-class ReferenceDevice(VfioDevice):
+# The reference device's PCI function (the model's own layout; ids arbitrary): a PCIe
+# endpoint alone below a bridge (a bus reset reaches only it), INTx pin A, one MSI vector,
+# 64 MSI-X vectors with the table at BAR0 + 0x2000 and the PBA at BAR0 + 0x3000.
+# BAR0: 1 MiB 64-bit memory; BAR2: 16 KiB 64-bit prefetchable memory; BAR4: 256 bytes of
+# I/O ports. All three are plain memory in the model (no registers behind them).
+REFERENCE_PCI = PciFunction(
+    vendor=0x1B36,
+    device=0x11FF,
+    class_code=0xFF0000,  # unassigned class
+    revision=0x01,
+    bars=(
+        PciBar(size=1 << 20, start=0x8000_0000, mem64=True),
+        PciBar(),
+        PciBar(size=16 << 10, start=0x8010_0000, mem64=True, prefetch=True),
+        PciBar(),
+        PciBar(size=256, start=0x1000, io=True),
+        PciBar(),
+    ),
+    intx_pin=1,
+    msi_vectors=1,
+    msix_vectors=64,
+    msix_bar=0,
+    msix_offset=0x2000,
+    pba_offset=0x3000,
+    reset_scope="bus",
+    bus=0x10,
+)
+
+
+class ReferenceDevice(VfioPciCoreDevice):
     kind = "reference"
+    pci_function = REFERENCE_PCI
 
     def __init__(
         self,
