@@ -189,7 +189,7 @@ def vfio_pci_set_intx_mask(
         if _u8(data):
             vfio_pci_intx_mask(vdev)
     elif flags & DATA_EVENTFD:
-        raise err(ENOTTY)  # the kernel leaves MSI mask/unmask unimplemented (its own comment says so)
+        raise err(ENOTTY)  # vfio_pci_set_intx_mask: masking INTx by eventfd is not implemented
 
 
 def vfio_pci_set_intx_trigger(
