@@ -30,6 +30,7 @@ from errno import (
     EFAULT,
     EINVAL,
     ENOENT,
+    ENOMEM,
     ENOSPC,
     EOPNOTSUPP,
     EOVERFLOW,
@@ -41,6 +42,7 @@ from vfiomig.hw.memory import PAGE_SIZE
 from vfiomig.kernel.bitops import U64_MAX, ULONG_MAX
 from vfiomig.kernel.bitops import __ffs as ffs
 from vfiomig.kernel.errors import err
+from vfiomig.kernel.fault_inject import fail_point
 from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
 
 if TYPE_CHECKING:
@@ -73,6 +75,9 @@ class IoptPages:
     uptr: int
     npages: int
     writable: bool
+    # pages->source_mm: the process whose memory this is (its pid under `vfiomig run`, where
+    # a fork child can map memory the parent later pins; None: the kernel's own mm)
+    source_mm: int | None = None
 
     @property
     def end(self) -> int:
@@ -289,6 +294,7 @@ class IoPagetable:
 
     def _insert_area(self, elm: PagesSlice, iova: int, prot: int) -> IoptArea:
         """iopt_insert_area: the area is in the tree but not yet filled (pages None)."""
+        fail_point(self.mm, "failslab", ENOMEM)  # iopt_area_alloc
         if prot & IOMMU_WRITE and not elm.pages.writable:
             raise err(EPERM)
         page_offset = elm.start_byte % PAGE_SIZE
@@ -344,6 +350,8 @@ class IoPagetable:
     def map_user_pages(self, uptr: int, length: int, iova: int | None, prot: int) -> int:
         """iopt_map_user_pages."""
         pages = iopt_alloc_user_pages(uptr, length, bool(prot & IOMMU_WRITE))
+        fail_point(self.mm, "failslab", ENOMEM)  # iopt_alloc_pages: kzalloc
+        pages.source_mm = getattr(self.mm, "pid", None)
         return self.map_pages([PagesSlice(pages, uptr - pages.uptr, length)], length, iova, prot)
 
     def get_pages(self, iova: int, length: int) -> list[PagesSlice]:
@@ -368,6 +376,16 @@ class IoPagetable:
         """Pinning the user pages behind an area: they must be mapped (EFAULT otherwise).
         Returns the user address of the area's first byte."""
         uva = pages.uptr + area.start_byte
+        if area.filled:
+            return uva  # pinned already: a new domain copies from one that has them
+        fail_point(self.mm, "fail_page_alloc", ENOMEM)
+        src = pages.source_mm
+        if src is not None and src != getattr(self.mm, "pid", None):
+            # mmget_not_zero(pages->source_mm): the mapping process (a fork child) may be gone
+            contains_in = getattr(self.mm, "contains_in", None)
+            if contains_in is not None and not contains_in(src, uva, area.length):
+                raise err(EFAULT)
+            return uva
         if not self.mm.contains(uva, area.length):
             raise err(EFAULT)
         return uva
@@ -644,7 +662,11 @@ class IoPagetable:
         # a hole stops the walk, and what was walked is reported (and cleared).
         pieces, _done = self.contig(iova, last)
         for _area, cur, plast in pieces:
-            record_dirty(domain, bitmap, cur, plast - cur + 1, clear)
+            own = getattr(domain, "record_dirty", None)  # a driver's read_and_clear_dirty
+            if own is not None:
+                own(bitmap, cur, plast - cur + 1, clear)
+            else:
+                record_dirty(domain, bitmap, cur, plast - cur + 1, clear)
         if clear and pieces:
             start = pieces[0][1]
             domain.iotlb_sync(start, pieces[-1][2] - start + 1)
