@@ -193,3 +193,62 @@ def test_run_serves_hugetlb_debugfs_and_fail_nth(preload: str, tmp_path: Path) -
     )
     assert got.returncode == 0, (got.returncode, got.stderr)
     assert got.stdout == "fail dirs 4\n"
+
+
+def test_page_faults_reach_the_fault_fd_and_die_with_the_attachment() -> None:
+    """IOMMU_FAULT_QUEUE_ALLOC, a nested HWPT taking faults, IOMMU_TEST_OP_TRIGGER_IOPF:
+    read() gives the fault under a cookie, write() answers it; a fault still pending when
+    the device leaves the HWPT is answered for it (iommufd_auto_response_faults)."""
+    k = ModelKernel(iommufd_test=True)
+    fd = k.open("/dev/iommu")
+    ioas = _ioas(k, fd)
+    mock = _cmd(t.IOMMU_TEST_OP_MOCK_DOMAIN, ioas)
+    k.ioctl(fd, t.IOMMU_TEST_CMD, mock)
+    dev, stdev = mock.mock_domain.out_idev_id, mock.mock_domain.out_stdev_id
+    fa = u.iommu_fault_alloc(size=ctypes.sizeof(u.iommu_fault_alloc))
+    k.ioctl(fd, u.IOMMU_FAULT_QUEUE_ALLOC, fa)
+    parent = u.iommu_hwpt_alloc(
+        size=ctypes.sizeof(u.iommu_hwpt_alloc),
+        flags=u.IOMMU_HWPT_ALLOC_NEST_PARENT,
+        dev_id=dev,
+        pt_id=ioas,
+    )
+    k.ioctl(fd, u.IOMMU_HWPT_ALLOC, parent)
+    addr, data = k.mmap(PAGE)
+    assert data is not None
+    data[:4] = memoryview(bytes(t.iommu_hwpt_selftest(iotlb=t.IOMMU_TEST_IOTLB_DEFAULT)))
+    nested = u.iommu_hwpt_alloc(
+        size=ctypes.sizeof(u.iommu_hwpt_alloc),
+        flags=u.IOMMU_HWPT_FAULT_ID_VALID,
+        dev_id=dev,
+        pt_id=parent.out_hwpt_id,
+        data_type=t.IOMMU_HWPT_DATA_SELFTEST,
+        data_len=4,
+        data_uptr=addr,
+        fault_id=fa.out_fault_id,
+    )
+    k.ioctl(fd, u.IOMMU_HWPT_ALLOC, nested)
+    replace = _cmd(t.IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE, stdev)
+    replace.mock_domain_replace.pt_id = nested.out_hwpt_id
+    k.ioctl(fd, t.IOMMU_TEST_CMD, replace)
+    trigger = _cmd(t.IOMMU_TEST_OP_TRIGGER_IOPF)
+    trigger.trigger_iopf.dev_id, trigger.trigger_iopf.addr = dev, 0xDEAD000
+    k.ioctl(fd, t.IOMMU_TEST_CMD, trigger)
+    size = ctypes.sizeof(u.iommu_hwpt_pgfault)
+    assert errno_of(k.read, fa.out_fault_fd, size - 1) == errno.ESPIPE
+    fault = u.iommu_hwpt_pgfault.from_buffer_copy(k.read(fa.out_fault_fd, 2 * size))
+    assert (fault.dev_id, fault.addr, fault.cookie) == (dev, 0xDEAD000, 1)
+    assert fault.flags == u.IOMMU_PGFAULT_FLAGS_LAST_PAGE
+    resp = u.iommu_hwpt_page_response(cookie=fault.cookie, code=u.IOMMUFD_PAGE_RESP_SUCCESS)
+    assert k.write(fa.out_fault_fd, bytes(resp)) == ctypes.sizeof(resp)
+    assert errno_of(k.write, fa.out_fault_fd, bytes(resp)) == errno.EINVAL  # answered
+    k.ioctl(fd, t.IOMMU_TEST_CMD, trigger)
+    queue = k.fdt.get(fa.out_fault_fd).fault  # type: ignore[attr-defined]
+    assert len(queue.deliver) == 1
+    replace.mock_domain_replace.pt_id = ioas
+    k.ioctl(fd, t.IOMMU_TEST_CMD, replace)
+    assert not queue.deliver and not queue.response  # answered INVALID for the device
+    destroy = u.iommu_destroy(size=8, id=fa.out_fault_id)
+    assert errno_of(k.ioctl, fd, u.IOMMU_DESTROY, destroy) == errno.EBUSY  # HWPT and fd
+    k.close(fa.out_fault_fd)
+    k.close(fd)  # the last reference: everything goes

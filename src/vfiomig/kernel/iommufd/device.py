@@ -135,6 +135,8 @@ def iommufd_hw_pagetable_detach(idev: IommufdDevice) -> Hwpt:
     assert hwpt is not None
     _hw_detach(hwpt, idev)
     idev.hwpt = None
+    if hwpt.fault is not None:  # iommufd_fault_domain_detach_dev
+        hwpt.fault.auto_response(idev)
     hwpt.ioas.iopt.remove_reserved_iova(idev)
     return hwpt
 
@@ -171,6 +173,8 @@ def _do_replace(idev: IommufdDevice, hwpt: Hwpt) -> Hwpt | None:
         raise
     _hw_detach(old, idev)
     _hw_attach(hwpt, idev)
+    if old.fault is not None:  # iommufd_fault_domain_replace_dev: old faults answered
+        old.fault.auto_response(idev)
     if other_ioas:
         old.ioas.iopt.remove_reserved_iova(idev)
     idev.hwpt = hwpt

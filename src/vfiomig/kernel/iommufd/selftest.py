@@ -332,7 +332,6 @@ class MockDev:
     flags: int
     id: int
     hw: Any = None  # no DMA engine: nothing attaches hardware
-    iopf_enabled: int = 0
 
     @property
     def iommu_dirty(self) -> bool:
