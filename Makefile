@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit selftest bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,9 +25,14 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not kselftest"
 
-test: lint typecheck unit
+# The kernel's own iommufd selftests (Debian's linux-source-6.12, fetched with apt-get at
+# first use) under `vfiomig run --iommufd-test`: docs/selftests.md.
+selftest: $(STAMP)
+	$(BIN)/python -m pytest -m kselftest -s tests/test_kselftest_iommufd.py
+
+test: lint typecheck selftest unit
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

@@ -287,6 +287,18 @@ class ProcessMemory(Memory):
     def contains(self, addr: int, length: int) -> bool:
         return self._covered(addr, max(length, 1), writable=False)
 
+    def contains_in(self, pid: int, addr: int, length: int) -> bool:
+        """`contains` in another process of the program (pages a fork child mapped into an
+        IOAS it shares, pinned later from the parent's call); False once it is gone."""
+        if pid == self.pid:
+            return self.contains(addr, length)
+        saved_pid, saved_vmas = self.pid, self._vmas
+        self.pid, self._vmas = pid, None
+        try:
+            return self.contains(addr, length)
+        finally:
+            self.pid, self._vmas = saved_pid, saved_vmas
+
     def writable(self, addr: int, length: int) -> bool:
         """Whether copy_to_user of `length` bytes at `addr` can succeed."""
         return length == 0 or self._covered(addr, length, writable=True)

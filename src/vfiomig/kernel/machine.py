@@ -42,11 +42,23 @@ DRIVERS: dict[str, Callable[..., Any]] = {}
 
 class ModelKernel:
     def __init__(
-        self, iommu: str = "smmuv3", *, bbml2: bool = False, mm: Memory | None = None
+        self,
+        iommu: str = "smmuv3",
+        *,
+        bbml2: bool = False,
+        mm: Memory | None = None,
+        iommufd_test: bool = False,
+        debugfs: str | None = None,
     ) -> None:
         """`mm`: the process's user memory; by default a fresh in-process Memory (what
         ModelKernel.mmap hands out). `vfiomig run` passes a ProcessMemory: a real program's
-        memory, which its ioctls' pointers point into (hw/process_memory.py)."""
+        memory, which its ioctls' pointers point into (hw/process_memory.py).
+
+        iommufd_test=True is a kernel built with CONFIG_IOMMUFD_TEST (and the fault
+        injection it depends on): /dev/iommu takes IOMMU_TEST_CMD with its mock IOMMU and
+        devices (kernel/iommufd/selftest.py), and /proc/.../fail-nth works
+        (kernel/fault_inject.py). `debugfs`: the directory served as /sys/kernel/debug,
+        whose fault attribute files the model then reads."""
         from vfiomig.hw.iommu import Iommu  # hw.iommu is the IOMMU model beneath everything
 
         self.iommu = Iommu(iommu, bbml2=bbml2)
@@ -62,6 +74,14 @@ class ModelKernel:
         from vfiomig.kernel.group import vfio_group_init
 
         vfio_group_init(self)  # /dev/vfio/vfio, the legacy container (container.c)
+        # Files found by pattern rather than by name (/proc/<pid>/task/<tid>/fail-nth):
+        # each opener returns the File for a path, or None if the path is not its.
+        self.path_openers: list[Callable[[str, int], File | None]] = []
+        self.iommufd_test = bool(iommufd_test)
+        if self.iommufd_test:
+            from vfiomig.kernel.iommufd.selftest import iommufd_test_init
+
+            iommufd_test_init(self, debugfs)
 
     # -- machine set-up ------------------------------------------------------------------
 
@@ -113,6 +133,10 @@ class ModelKernel:
             return self.fdt.install(dev.cdev_open(flags))
         opener = self.chrdevs.get(path)
         if opener is None:
+            for by_pattern in self.path_openers:
+                f = by_pattern(path, flags)
+                if f is not None:
+                    return self.fdt.install(f)
             raise err(ENOENT)
         return self.fdt.install(opener(flags))
 

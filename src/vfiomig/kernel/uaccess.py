@@ -121,6 +121,13 @@ class UserPtr(UserArg):
             raise err(EFAULT)
         user_write(self.mm, self.addr + off, bytes(data))
 
+    def u32(self, off: int = 0) -> int:
+        """get_user of a u32 (the size word of an iommufd command): not a copy_from_user,
+        so fail_usercopy does not reach it."""
+        if off < 0:
+            raise err(EFAULT)
+        return int(struct.unpack_from("<I", self.mm.read(self.addr + off, 4))[0])
+
     def strndup(self, n: int) -> str:
         """strndup_user: read up to the NUL a page at a time (strnlen_user stops at the
         first unreadable byte), so a short string at the end of a mapping works."""
@@ -145,11 +152,21 @@ def access_ok(addr: int, size: int) -> bool:
     return 0 <= addr and addr + size <= TASK_SIZE_MAX
 
 
+def _usercopy_fails(mm: Memory) -> bool:
+    """should_fail_usercopy() (lib/fault-inject-usercopy.c): under fail-nth, a copy can
+    fail as a whole (fault_inject.py)."""
+    from vfiomig.kernel.fault_inject import should_fail
+
+    return should_fail(mm, "fail_usercopy")
+
+
 def user_read(mm: Memory, addr: int, n: int) -> bytes:
     """copy_from_user through a pointer field."""
     if n == 0:
         return b""
-    if not access_ok(addr, n):
+    # _inline_copy_from_user: the usercopy fault point (should_fail_usercopy), then
+    # access_ok (or the masked user address, which faults the same way), then the copy
+    if _usercopy_fails(mm) or not access_ok(addr, n):
         raise err(EFAULT)
     return mm.read(addr, n)
 
@@ -157,6 +174,7 @@ def user_read(mm: Memory, addr: int, n: int) -> bytes:
 def user_write(mm: Memory, addr: int, data: bytes) -> None:
     """copy_to_user through a pointer field."""
     if data:
-        if not access_ok(addr, len(data)):
+        # _inline_copy_to_user: should_fail_usercopy, then access_ok, then the copy
+        if _usercopy_fails(mm) or not access_ok(addr, len(data)):
             raise err(EFAULT)
         mm.write(addr, data)

@@ -19,6 +19,7 @@
  *   waits for a reply uses a connection of its own. The server serializes all calls.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -66,6 +67,10 @@ static unsigned char fd_kind[VFM_MAX_FD]; /* read and written with __atomic */
 static _Atomic int n_model;                /* how many FD_MODEL entries there are */
 static int enabled;
 static int tracing;
+/* Fault injection served (vfiomig run --iommufd-test): the fail-nth files go to the model,
+ * /sys/kernel/debug/... to the directory the run made for it (VFM_ENV_DEBUGFS). */
+static int fault_injection;
+static char debugfs_dir[512];
 static char sock_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 static int64_t pending_token; /* set in a fork child: claims the fd table copied for it */
 
@@ -122,6 +127,7 @@ REAL(int, dup, int)
 REAL(int, dup2, int, int)
 REAL(int, dup3, int, int, int)
 REAL(pid_t, fork, void)
+REAL(DIR *, opendir, const char *)
 
 /* The library's own file operations never go through the wrappers. */
 static int raw_open_null(int flags)
@@ -169,6 +175,36 @@ static void set_kind(int fd, int kind)
 	n_model += (kind == FD_MODEL) - (old == FD_MODEL);
 }
 
+/* Whether s is a run of decimal digits followed by `end` (a task or process id). */
+static const char *digits_then(const char *s, const char *end)
+{
+	const char *q = s;
+	while (*q >= '0' && *q <= '9')
+		q++;
+	if (q == s || strncmp(q, end, strlen(end)))
+		return NULL;
+	return q + strlen(end);
+}
+
+/* The per-task fault-injection file (fs/proc/base.c, tid_base_stuff "fail-nth"):
+ * /proc/thread-self/fail-nth, /proc/self/task/TID/fail-nth, /proc/PID/task/TID/fail-nth. */
+static int fail_nth_path(const char *p)
+{
+	const char *q;
+
+	if (!strcmp(p, "/proc/thread-self/fail-nth"))
+		return 1;
+	if (strncmp(p, "/proc/", 6))
+		return 0;
+	q = p + 6;
+	if (!strncmp(q, "self/task/", 10))
+		q += 10;
+	else if (!(q = digits_then(q, "/task/")))
+		return 0;
+	q = digits_then(q, "/fail-nth");
+	return q && !*q;
+}
+
 /* Whether path names a model node; path is the caller's pointer, possibly a bad one. */
 static int model_path(const char *path)
 {
@@ -196,7 +232,33 @@ static int model_path(const char *path)
 				return 0;
 		return 1;
 	}
-	return 0;
+	return fault_injection && fail_nth_path(p);
+}
+
+/*
+ * /sys/kernel/debug and what is under it, as the run serves it: `out` gets the same path
+ * under the run's debugfs directory. 0 when path is anything else (or unreadable).
+ */
+static int debugfs_redirect(const char *path, char *out, size_t outsz)
+{
+	static const char root[] = "/sys/kernel/debug";
+	char p[512];
+	ssize_t got;
+	int n;
+
+	if (!fault_injection || !path)
+		return 0;
+	got = self_copy(p, path, sizeof(p) - 1, 0);
+	if (got <= 0)
+		return 0;
+	p[got] = 0;
+	if (strlen(p) == (size_t)got && got == sizeof(p) - 1)
+		return 0; /* longer than any file the run serves */
+	if (strncmp(p, root, sizeof(root) - 1) ||
+	    (p[sizeof(root) - 1] && p[sizeof(root) - 1] != '/'))
+		return 0;
+	n = snprintf(out, outsz, "%s%s", debugfs_dir, p + sizeof(root) - 1);
+	return n > 0 && (size_t)n < outsz;
 }
 
 static void trace(const char *fmt, ...)
@@ -405,9 +467,14 @@ __attribute__((constructor)) static void vfm_init(void)
 	const char *p = getenv(VFM_ENV_SOCKET);
 	const char *t = getenv(VFM_ENV_TRACE);
 	const char *srv = getenv("VFIOMIG_SERVER_PID");
+	const char *dbg = getenv(VFM_ENV_DEBUGFS);
 
 	if (!p || !*p || strlen(p) >= sizeof(sock_path))
 		return;
+	if (dbg && *dbg == '/' && strlen(dbg) < sizeof(debugfs_dir) - 64) {
+		strcpy(debugfs_dir, dbg);
+		fault_injection = 1;
+	}
 	strcpy(sock_path, p);
 	tracing = t && *t && strcmp(t, "0");
 	pthread_key_create(&conn_key, conn_key_destroy);
@@ -454,10 +521,13 @@ static mode_t mode_arg(int flags, va_list ap)
 #define OPEN_WRAPPER(name)                                                                \
 	int name(const char *path, int flags, ...)                                        \
 	{                                                                                 \
+		char served[600];                                                         \
 		va_list ap;                                                               \
 		mode_t mode;                                                              \
 		if (model_path(path))                                                     \
 			return vfm_open(path, flags);                                     \
+		if (debugfs_redirect(path, served, sizeof(served)))                       \
+			path = served;                                                    \
 		va_start(ap, flags);                                                      \
 		mode = mode_arg(flags, ap);                                               \
 		va_end(ap);                                                               \
@@ -470,10 +540,13 @@ OPEN_WRAPPER(open64)
 #define OPENAT_WRAPPER(name)                                                              \
 	int name(int dirfd, const char *path, int flags, ...)                             \
 	{                                                                                 \
+		char served[600];                                                         \
 		va_list ap;                                                               \
 		mode_t mode;                                                              \
 		if (model_path(path))                                                     \
 			return vfm_open(path, flags);                                     \
+		if (debugfs_redirect(path, served, sizeof(served)))                       \
+			path = served;                                                    \
 		va_start(ap, flags);                                                      \
 		mode = mode_arg(flags, ap);                                               \
 		va_end(ap);                                                               \
@@ -486,34 +559,61 @@ OPENAT_WRAPPER(openat64)
 /* The fortified forms (glibc's bits/fcntl2.h calls them when flags are not constant). */
 int __open_2(const char *path, int flags)
 {
+	char served[600];
+
 	if (model_path(path))
 		return vfm_open(path, flags);
+	if (debugfs_redirect(path, served, sizeof(served)))
+		path = served;
 	resolve___open_2();
 	return real___open_2(path, flags);
 }
 
 int __open64_2(const char *path, int flags)
 {
+	char served[600];
+
 	if (model_path(path))
 		return vfm_open(path, flags);
+	if (debugfs_redirect(path, served, sizeof(served)))
+		path = served;
 	resolve___open64_2();
 	return real___open64_2(path, flags);
 }
 
 int __openat_2(int dirfd, const char *path, int flags)
 {
+	char served[600];
+
 	if (model_path(path))
 		return vfm_open(path, flags);
+	if (debugfs_redirect(path, served, sizeof(served)))
+		path = served;
 	resolve___openat_2();
 	return real___openat_2(dirfd, path, flags);
 }
 
 int __openat64_2(int dirfd, const char *path, int flags)
 {
+	char served[600];
+
 	if (model_path(path))
 		return vfm_open(path, flags);
+	if (debugfs_redirect(path, served, sizeof(served)))
+		path = served;
 	resolve___openat64_2();
 	return real___openat64_2(dirfd, path, flags);
+}
+
+/* opendir of /sys/kernel/debug (glibc's own open inside opendir is not interposable). */
+DIR *opendir(const char *path)
+{
+	char served[600];
+
+	if (debugfs_redirect(path, served, sizeof(served)))
+		path = served;
+	resolve_opendir();
+	return real_opendir(path);
 }
 
 /* Drop a model fd's file (the server) and then its placeholder. */
@@ -874,20 +974,78 @@ static int model_mmap(int flags, int fd)
 	return 1;
 }
 
+/*
+ * MAP_HUGETLB | MAP_ANONYMOUS when the machine has no huge pages to give (the real mmap says
+ * ENOMEM): ordinary anonymous memory laid out as hugetlbfs would lay it out, the length
+ * rounded up to the huge page size (MAP_HUGE_SHIFT's, else 2 MiB) and the address aligned to
+ * it (a MAP_FIXED address that is not aligned is EINVAL, as for hugetlbfs). Programs that
+ * test huge-page paths (the iommufd selftests) then run; the pages are 4 KiB ones.
+ */
+static void *huge_fallback(void *addr, size_t len, int prot, int flags)
+{
+	int shift = (flags >> MAP_HUGE_SHIFT) & MAP_HUGE_MASK;
+	size_t huge = (size_t)1 << (shift ? shift : 21);
+	int plain = flags & ~(MAP_HUGETLB | (MAP_HUGE_MASK << MAP_HUGE_SHIFT));
+	size_t size, span;
+	char *p, *aligned;
+
+	if (!len || len > SIZE_MAX - 2 * huge) {
+		errno = ENOMEM;
+		return MAP_FAILED;
+	}
+	size = (len + huge - 1) & ~(huge - 1);
+	if (flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)) {
+		if ((uintptr_t)addr & (huge - 1)) {
+			errno = EINVAL;
+			return MAP_FAILED;
+		}
+		return real_mmap(addr, size, prot, plain, -1, 0);
+	}
+	span = size + huge;
+	p = real_mmap(NULL, span, prot, plain & ~MAP_POPULATE, -1, 0);
+	if (p == MAP_FAILED)
+		return p;
+	aligned = (char *)(((uintptr_t)p + huge - 1) & ~(uintptr_t)(huge - 1));
+	if (aligned > p)
+		munmap(p, (size_t)(aligned - p));
+	if (aligned + size < p + span)
+		munmap(aligned + size, (size_t)(p + span - (aligned + size)));
+	if (plain & MAP_POPULATE)
+		madvise(aligned, size, MADV_WILLNEED);
+	return aligned;
+}
+
+static int wants_huge_fallback(void *r, int flags, int fd)
+{
+	return r == MAP_FAILED && errno == ENOMEM && (flags & MAP_HUGETLB) &&
+	       (flags & MAP_ANONYMOUS) && fd == -1;
+}
+
 void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
+	void *r;
+
 	resolve_mmap();
 	if (model_mmap(flags, fd))
 		return MAP_FAILED;
-	return real_mmap(addr, len, prot, flags, fd, off);
+	r = real_mmap(addr, len, prot, flags, fd, off);
+	if (wants_huge_fallback(r, flags, fd))
+		r = huge_fallback(addr, len, prot, flags);
+	return r;
 }
 
 void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off64_t off)
 {
+	void *r;
+
 	resolve_mmap64();
+	resolve_mmap();
 	if (model_mmap(flags, fd))
 		return MAP_FAILED;
-	return real_mmap64(addr, len, prot, flags, fd, off);
+	r = real_mmap64(addr, len, prot, flags, fd, off);
+	if (wants_huge_fallback(r, flags, fd))
+		r = huge_fallback(addr, len, prot, flags);
+	return r;
 }
 
 /* ---------------------------------------------------------------- poll */

@@ -49,6 +49,9 @@ ENV_SOCKET = "VFIOMIG_SOCKET"  # the server's socket path
 ENV_DEVICES = "VFIOMIG_DEVICES"  # comma-separated cdev paths: /dev/vfio/devices/vfio0,...
 ENV_GROUPS = "VFIOMIG_GROUPS"  # comma-separated legacy group paths: /dev/vfio/0,...
 ENV_TRACE = "VFIOMIG_TRACE"  # 1: the preload prints each routed call on stderr
+# Set by `vfiomig run --iommufd-test`: the directory served as /sys/kernel/debug; the preload
+# then also routes /proc/.../fail-nth to the model (fault injection, docs/selftests.md).
+ENV_DEBUGFS = "VFIOMIG_DEBUGFS"
 
 
 def c_defines() -> list[str]:
@@ -60,5 +63,6 @@ def c_defines() -> list[str]:
         f"-DVFM_IOCTL_FD_USED={IOCTL_FD_USED}",
         f'-DVFM_ENV_SOCKET="{ENV_SOCKET}"',
         f'-DVFM_ENV_TRACE="{ENV_TRACE}"',
+        f'-DVFM_ENV_DEBUGFS="{ENV_DEBUGFS}"',
     ]
     return defs

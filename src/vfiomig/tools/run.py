@@ -24,11 +24,13 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from vfiomig.hw.process_memory import ProcessMemory
 from vfiomig.kernel import ModelKernel
+from vfiomig.kernel.fault_inject import populate_debugfs
 from vfiomig.shim.build import BuildError, preload_library
-from vfiomig.shim.protocol import ENV_DEVICES, ENV_GROUPS, ENV_SOCKET, ENV_TRACE
+from vfiomig.shim.protocol import ENV_DEBUGFS, ENV_DEVICES, ENV_GROUPS, ENV_SOCKET, ENV_TRACE
 from vfiomig.shim.server import ShimServer
 from vfiomig.tools import helptext
 from vfiomig.tools.options import ModelSpec, add_iommu_hw_argument, model_spec_arg
@@ -80,6 +82,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--trace", action="store_true", help="print every routed call on stderr (VFIOMIG_TRACE)"
     )
     p.add_argument(
+        "--iommufd-test",
+        action="store_true",
+        help="a kernel with CONFIG_IOMMUFD_TEST: /dev/iommu takes IOMMU_TEST_CMD (the mock "
+        "IOMMU and devices of the kernel's iommufd selftests), and fault injection is served: "
+        "/proc/self/task/TID/fail-nth and the fault attributes under /sys/kernel/debug "
+        "(docs/selftests.md)",
+    )
+    p.add_argument(
         "program",
         nargs=argparse.REMAINDER,
         metavar="-- PROGRAM ARGS...",
@@ -87,9 +97,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_kernel(iommu_hw: str, devices: Sequence[ModelSpec]) -> tuple[ModelKernel, list[str]]:
+def build_kernel(
+    iommu_hw: str, devices: Sequence[ModelSpec], *, iommufd_test: bool = False
+) -> tuple[ModelKernel, list[str]]:
     """The model machine of one run: its memory is the program's (ProcessMemory)."""
-    kernel = ModelKernel(iommu_hw, mm=ProcessMemory())
+    kernel = ModelKernel(iommu_hw, mm=ProcessMemory(), iommufd_test=iommufd_test)
     paths = [kernel.add_device(d.kind, **d.options) for d in devices]
     return kernel, paths
 
@@ -129,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"vfiomig run: cannot build the preload library: {e}", file=sys.stderr)
         return 1
     try:
-        kernel, paths = build_kernel(args.iommu_hw, args.device)
+        kernel, paths = build_kernel(args.iommu_hw, args.device, iommufd_test=args.iommufd_test)
     except (ValueError, TypeError) as e:
         args.subparser.error(f"argument --device: {e}")
     return run_program(
@@ -159,6 +171,14 @@ def run_program(
         child_env = program_env(
             dict(os.environ if env is None else env), lib, sock_path, kernel, paths, trace=trace
         )
+        fi = getattr(kernel, "fault_inject", None)
+        if fi is not None:
+            # Fault injection served: /sys/kernel/debug is a directory of this run, with the
+            # fault attributes the model reads (kernel/fault_inject.py).
+            debugfs = Path(tmp) / "debugfs"
+            populate_debugfs(debugfs)
+            fi.debugfs = debugfs
+            child_env[ENV_DEBUGFS] = str(debugfs)
         try:
             proc = subprocess.Popen(list(argv), env=child_env)
         except OSError as e:

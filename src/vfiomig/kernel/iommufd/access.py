@@ -104,7 +104,7 @@ class IommufdAccess(IommufdObject):
                 raise err(EINVAL)
             assert area.pages is not None
             # user pages: EFAULT if unmapped; file pages: EINVAL if not pinnable
-            uva = iopt.pin_range(area.pages, area.byte(cur), plast - cur + 1)
+            uva = iopt.pin_range(area.pages, area.byte(cur), plast - cur + 1, pinned=area.filled)
             out.append((uva, plast - cur + 1))
         for area, _cur, _plast in pieces:
             area.num_accesses += 1
@@ -134,7 +134,7 @@ class IommufdAccess(IommufdObject):
         for area, cur, plast in pieces:
             n = plast - cur + 1
             assert area.pages is not None
-            uva = iopt.pin_range(area.pages, area.byte(cur), n)
+            uva = iopt.pin_range(area.pages, area.byte(cur), n, pinned=area.filled)
             if write:
                 if not isinstance(data, int):
                     mm.write(uva, data[off : off + n])  # EFAULT on unbacked memory

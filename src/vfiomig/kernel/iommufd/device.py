@@ -14,9 +14,16 @@ from errno import EFAULT, EINVAL, ENODEV, ENOENT, EOPNOTSUPP
 from typing import Any
 
 from vfiomig.kernel.errors import err
-from vfiomig.kernel.iommufd.hw_pagetable import IommufdHwptPaging, iommufd_hwpt_paging_alloc
+from vfiomig.kernel.iommufd.hw_pagetable import (
+    IommufdHwptNested,
+    IommufdHwptPaging,
+    iommufd_hwpt_paging_alloc,
+)
 from vfiomig.kernel.iommufd.ioas import IommufdIoas
-from vfiomig.kernel.iommufd.iommu_drivers import IOMMU_RESV_DIRECT_RELAXABLE, iommu_driver
+from vfiomig.kernel.iommufd.iommu_drivers import (
+    IOMMU_RESV_DIRECT_RELAXABLE,
+    dev_iommu_ops,
+)
 from vfiomig.kernel.iommufd.main import (
     IommufdCtx,
     IommufdObject,
@@ -27,6 +34,9 @@ from vfiomig.kernel.iommufd.main import (
 from vfiomig.kernel.uaccess import access_ok
 from vfiomig.uapi import iommufd as u
 
+# What a device attaches to: a paging HWPT, or a nested one over a paging parent.
+Hwpt = IommufdHwptPaging | IommufdHwptNested
+
 
 class IommufdDevice(IommufdObject):
     type = IommufdObjectType.DEVICE
@@ -35,12 +45,15 @@ class IommufdDevice(IommufdObject):
         super().__init__()
         self.ictx = ictx
         self.vdev = vdev  # the VfioDevice (its driver, its IOMMU capabilities)
-        self.hwpt: IommufdHwptPaging | None = None  # igroup->hwpt
+        self.hwpt: Hwpt | None = None  # igroup->hwpt
 
     @property
     def dirty_capable(self) -> bool:
         """device_iommu_capable(dev, IOMMU_CAP_DIRTY_TRACKING): the device's IOMMU instance
-        can track dirty IOVAs (and the machine's IOMMU model has dirty tracking at all)."""
+        can track dirty IOVAs (and the machine's IOMMU model has dirty tracking at all; a
+        device behind its own IOMMU, the selftest's mock, answers for itself)."""
+        if getattr(self.vdev, "iommu_ops", None) is not None:
+            return bool(self.vdev.iommu_dirty)
         return bool(self.vdev.iommu_dirty and self.ictx.kernel.iommu.dirty_capable)
 
     @property
@@ -66,13 +79,13 @@ def iommufd_device_unbind(idev: IommufdDevice) -> None:
 # -- attach ----------------------------------------------------------------------------
 
 
-def _enforce_resv_regions(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
+def _enforce_resv_regions(hwpt: Hwpt, idev: IommufdDevice) -> None:
     """iopt_table_enforce_dev_resv_regions: the device's reserved regions (its MSI window,
     AMD's HyperTransport range) become reserved IOVA of the IOAS (EADDRINUSE if something
     is mapped or allowed there)."""
     iopt = hwpt.ioas.iopt
     try:
-        for resv in iommu_driver(idev.ictx.kernel).resv_regions:
+        for resv in dev_iommu_ops(idev.ictx.kernel, idev.vdev).resv_regions:
             if resv.type != IOMMU_RESV_DIRECT_RELAXABLE:
                 iopt.reserve_iova(resv.start, resv.last, idev)
     except OSError:
@@ -80,7 +93,7 @@ def _enforce_resv_regions(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
         raise
 
 
-def _driver_attach(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
+def _driver_attach(hwpt: Hwpt, idev: IommufdDevice) -> None:
     """iommu_attach_group -> ops->attach_dev: a dirty-tracking domain needs a device whose
     IOMMU can track dirty state (intel_iommu: !ssads_supported -> -EINVAL; arm-smmu-v3:
     no HTTU-HD -> -EINVAL).
@@ -90,21 +103,23 @@ def _driver_attach(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
     VT-d refuses (intel_iommu_attach_device -> iopf_for_domain_set ->
     intel_iommu_enable_iopf: !info->pri_enabled -> -ENODEV, after paging_domain_compatible);
     SMMUv3 (arm_smmu_enable_iopf: !master->stall_enabled) and AMD
-    (amd_iommu_iopf_add_device: !dev_data->pri_enabled) attach without it."""
+    (amd_iommu_iopf_add_device: !dev_data->pri_enabled) attach without it. The selftest's
+    mock devices, behind the mock IOMMU (dev_iommu_ops), do raise them (selftest.py)."""
     if hwpt.domain.has_dirty_ops and not idev.dirty_capable:
         raise err(EINVAL)
-    if hwpt.fault is not None and iommu_driver(idev.ictx.kernel).vendor == "vtd":
+    ops = dev_iommu_ops(idev.ictx.kernel, idev.vdev)  # the mock IOMMU takes page faults
+    if hwpt.fault is not None and getattr(ops, "vendor", None) == "vtd":
         raise err(ENODEV)
 
 
-def _hw_attach(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
+def _hw_attach(hwpt: Hwpt, idev: IommufdDevice) -> None:
     hw = idev.hw
     if hw is not None:
         hwpt.domain.attach(hw, dirty_capable=idev.dirty_capable)
         hw.domain = hwpt.domain
 
 
-def _hw_detach(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
+def _hw_detach(hwpt: Hwpt, idev: IommufdDevice) -> None:
     hw = idev.hw
     if hw is not None:
         hwpt.domain.detach(hw)
@@ -112,7 +127,7 @@ def _hw_detach(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
             hw.domain = None
 
 
-def iommufd_hw_pagetable_attach(hwpt: IommufdHwptPaging, idev: IommufdDevice) -> None:
+def iommufd_hw_pagetable_attach(hwpt: Hwpt, idev: IommufdDevice) -> None:
     if idev.hwpt is not None and idev.hwpt is not hwpt:
         raise err(EINVAL)
     _enforce_resv_regions(hwpt, idev)
@@ -126,17 +141,19 @@ def iommufd_hw_pagetable_attach(hwpt: IommufdHwptPaging, idev: IommufdDevice) ->
     hwpt.users += 1
 
 
-def iommufd_hw_pagetable_detach(idev: IommufdDevice) -> IommufdHwptPaging:
+def iommufd_hw_pagetable_detach(idev: IommufdDevice) -> Hwpt:
     """Returns the HWPT; the caller puts it (iommufd_hw_pagetable_put)."""
     hwpt = idev.hwpt
     assert hwpt is not None
     _hw_detach(hwpt, idev)
     idev.hwpt = None
+    if hwpt.fault is not None:  # iommufd_fault_domain_detach_dev
+        hwpt.fault.auto_response(idev)
     hwpt.ioas.iopt.remove_reserved_iova(idev)
     return hwpt
 
 
-def iommufd_hw_pagetable_put(ictx: IommufdCtx, hwpt: IommufdHwptPaging) -> None:
+def iommufd_hw_pagetable_put(ictx: IommufdCtx, hwpt: Hwpt) -> None:
     """An automatic HWPT is destroyed with its last device."""
     if hwpt.auto_domain:
         ictx.put_and_try_destroy(hwpt)
@@ -144,12 +161,12 @@ def iommufd_hw_pagetable_put(ictx: IommufdCtx, hwpt: IommufdHwptPaging) -> None:
         hwpt.users -= 1
 
 
-def _do_attach(idev: IommufdDevice, hwpt: IommufdHwptPaging) -> IommufdHwptPaging | None:
+def _do_attach(idev: IommufdDevice, hwpt: Hwpt) -> Hwpt | None:
     iommufd_hw_pagetable_attach(hwpt, idev)
     return None
 
 
-def _do_replace(idev: IommufdDevice, hwpt: IommufdHwptPaging) -> IommufdHwptPaging | None:
+def _do_replace(idev: IommufdDevice, hwpt: Hwpt) -> Hwpt | None:
     """iommufd_device_do_replace: returns the old HWPT for the caller to put."""
     old = idev.hwpt
     if old is None:
@@ -168,6 +185,8 @@ def _do_replace(idev: IommufdDevice, hwpt: IommufdHwptPaging) -> IommufdHwptPagi
         raise
     _hw_detach(old, idev)
     _hw_attach(hwpt, idev)
+    if old.fault is not None:  # iommufd_fault_domain_replace_dev: old faults answered
+        old.fault.auto_response(idev)
     if other_ioas:
         old.ioas.iopt.remove_reserved_iova(idev)
     idev.hwpt = hwpt
@@ -177,7 +196,7 @@ def _do_replace(idev: IommufdDevice, hwpt: IommufdHwptPaging) -> IommufdHwptPagi
 
 def _auto_get_domain(
     idev: IommufdDevice, ioas: IommufdIoas, replace: bool
-) -> tuple[int, IommufdHwptPaging | None]:
+) -> tuple[int, Hwpt | None]:
     """iommufd_device_auto_get_domain: reuse a compatible automatic HWPT of the IOAS (EINVAL
     means incompatible, try the next), else make one. Returns (hwpt id, HWPT to put)."""
     do = _do_replace if replace else _do_attach
@@ -209,7 +228,7 @@ def iommufd_device_change_pt(idev: IommufdDevice, pt_id: int, replace: bool) -> 
     pt_obj = ictx.find(pt_id)
     if pt_obj is None:
         raise err(ENOENT)
-    if isinstance(pt_obj, IommufdHwptPaging):
+    if isinstance(pt_obj, IommufdHwptPaging | IommufdHwptNested):
         destroy = (_do_replace if replace else _do_attach)(idev, pt_obj)
     elif isinstance(pt_obj, IommufdIoas):
         pt_id, destroy = _auto_get_domain(idev, pt_obj, replace)
@@ -249,7 +268,7 @@ def iommufd_get_hw_info(ucmd: Ucmd) -> int:
     if not cmd.flags & u.IOMMU_HW_INFO_FLAG_INPUT_TYPE:
         cmd.in_data_type = u.IOMMU_HW_INFO_TYPE_DEFAULT
     idev = ucmd.ictx.get(cmd.dev_id, IommufdDevice)
-    driver = iommu_driver(ucmd.ictx.kernel)
+    driver = dev_iommu_ops(ucmd.ictx.kernel, idev.vdev)
     # ops->hw_info: the default type or the driver's own; anything else is refused.
     if cmd.in_data_type not in (u.IOMMU_HW_INFO_TYPE_DEFAULT, driver.hw_info_type):
         raise err(EOPNOTSUPP)
@@ -267,11 +286,13 @@ def iommufd_get_hw_info(ucmd: Ucmd) -> int:
     except OSError:
         raise err(EFAULT) from None
     cmd.data_len = len(data)
+    # iommufd_get_hw_info always writes out_max_pasid_log2: ilog2(dev->iommu->max_pasids)
+    # when PASID is enabled, else 0. Only the selftest's PASID-capable mock device has
+    # PASID (no modelled PCI device has it, nor PASID_EXEC/PRIV).
+    max_pasids = int(getattr(idev.vdev, "max_pasids", 0) or 0)
+    cmd.out_max_pasid_log2 = max_pasids.bit_length() - 1 if max_pasids else 0
     cmd.out_capabilities = 0
     if idev.dirty_capable:
         cmd.out_capabilities |= u.IOMMU_HW_CAP_DIRTY_TRACKING
-    # iommufd_get_hw_info always writes out_max_pasid_log2: ilog2(dev->iommu->max_pasids)
-    # when PASID is enabled, else 0. No modelled device has PASID (nor PASID_EXEC/PRIV).
-    cmd.out_max_pasid_log2 = 0
     ucmd.respond()
     return 0

@@ -12,7 +12,7 @@ from errno import EINVAL, ENOENT, EOPNOTSUPP
 from typing import TYPE_CHECKING, Any
 
 from vfiomig.kernel.errors import err
-from vfiomig.kernel.iommufd.iommu_drivers import iommu_driver
+from vfiomig.kernel.iommufd.iommu_drivers import dev_iommu_ops, iommu_driver
 from vfiomig.kernel.iommufd.main import (
     IommufdCtx,
     IommufdObject,
@@ -61,6 +61,52 @@ class IommufdHwptPaging(IommufdObject):
             self.fault = None
 
 
+class IommufdHwptNested(IommufdObject):
+    """struct iommufd_hwpt_nested: a stage-1 domain of the driver's own format over a
+    nest-parent paging HWPT (hw_pagetable.c iommufd_hwpt_nested_alloc). Devices attach to
+    it like to a paging HWPT; its IOVA is the parent's, so `ioas` is the parent's."""
+
+    type = IommufdObjectType.HWPT_NESTED
+    auto_domain = False
+
+    def __init__(self, parent: IommufdHwptPaging) -> None:
+        super().__init__()
+        self.parent = parent
+        self.ioas = parent.ioas
+        self.domain: Any = None
+        self.fault: IommufdFault | None = None  # hwpt->fault
+
+    def destroy(self) -> None:
+        """iommufd_hwpt_nested_destroy: drop the parent (and the fault queue)."""
+        self.parent.users -= 1
+        if self.fault is not None:
+            self.fault.users -= 1
+            self.fault = None
+
+
+def iommufd_hwpt_nested_alloc(
+    ictx: IommufdCtx, parent: IommufdHwptPaging, idev: IommufdDevice, flags: int, data: Any
+) -> IommufdHwptNested:
+    """iommufd_hwpt_nested_alloc for a driver with domain_alloc_nested (the mock IOMMU):
+    `data` is the user data (type, uptr, len) the driver copies its config from."""
+    ops: Any = dev_iommu_ops(ictx.kernel, idev.vdev)
+    if flags & ~(u.IOMMU_HWPT_FAULT_ID_VALID | u.IOMMU_HWPT_ALLOC_PASID) or not data.len:
+        raise err(EOPNOTSUPP)
+    same_driver = getattr(parent.domain, "owner", None) is ops  # domain->owner == ops
+    if parent.auto_domain or not parent.nest_parent or not same_driver:
+        raise err(EINVAL)
+    hwpt = ictx.alloc(IommufdHwptNested(parent))
+    parent.users += 1
+    try:
+        hwpt.domain = ops.domain_alloc_nested(
+            parent.domain, flags & ~u.IOMMU_HWPT_FAULT_ID_VALID, data
+        )
+    except OSError:
+        ictx.remove(hwpt)  # iommufd_object_abort_and_destroy
+        raise
+    return hwpt
+
+
 def iommufd_hwpt_paging_alloc(
     ictx: IommufdCtx,
     ioas: IommufdIoas,
@@ -81,11 +127,9 @@ def iommufd_hwpt_paging_alloc(
         raise err(EOPNOTSUPP)  # !device_iommu_capable(dev, IOMMU_CAP_DIRTY_TRACKING)
     if flags & u.IOMMU_HWPT_FAULT_ID_VALID and flags & u.IOMMU_HWPT_ALLOC_NEST_PARENT:
         raise err(EOPNOTSUPP)  # a nest parent takes no faults
-    driver = iommu_driver(ictx.kernel)
+    driver = dev_iommu_ops(ictx.kernel, idev.vdev)
     driver.check_paging_flags(flags & ~u.IOMMU_HWPT_FAULT_ID_VALID, user_data)
-    domain = ictx.kernel.iommu.domain_alloc(
-        dirty_tracking=bool(flags & u.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
-    )
+    domain = driver.domain_alloc_paging(ictx.kernel, idev.vdev, flags)
     hwpt = ictx.alloc(IommufdHwptPaging(ioas, domain, flags))
     ioas.users += 1  # pairs with iommufd_hwpt_paging_destroy
     try:
@@ -109,6 +153,15 @@ def iommufd_get_hwpt_paging(ictx: IommufdCtx, hwpt_id: int) -> IommufdHwptPaging
     return ictx.get(hwpt_id, IommufdHwptPaging)
 
 
+class _UserData:
+    """struct iommu_user_data of a HWPT_ALLOC: the driver-specific config."""
+
+    def __init__(self, cmd: Any) -> None:
+        self.type = int(cmd.data_type)
+        self.uptr = int(cmd.data_uptr)
+        self.len = int(cmd.data_len)
+
+
 @register(u.IOMMU_HWPT_ALLOC, u.iommu_hwpt_alloc, 24)
 def iommufd_hwpt_alloc(ucmd: Ucmd) -> int:
     from vfiomig.kernel.iommufd.device import IommufdDevice
@@ -126,10 +179,15 @@ def iommufd_hwpt_alloc(ucmd: Ucmd) -> int:
     pt_obj = ictx.find(cmd.pt_id)
     if pt_obj is None:
         raise err(EINVAL)  # iommufd_get_object's error is turned into EINVAL here
+    hwpt: IommufdHwptPaging | IommufdHwptNested
     if isinstance(pt_obj, IommufdIoas):
         hwpt = iommufd_hwpt_paging_alloc(ictx, pt_obj, idev, cmd.flags, False, bool(cmd.data_len))
+    elif isinstance(pt_obj, IommufdHwptPaging) and hasattr(
+        dev_iommu_ops(ictx.kernel, idev.vdev), "domain_alloc_nested"
+    ):
+        hwpt = iommufd_hwpt_nested_alloc(ictx, pt_obj, idev, cmd.flags, _UserData(cmd))
     elif isinstance(pt_obj, IommufdHwptPaging):
-        # iommufd_hwpt_nested_alloc: the model builds no nested (stage-1) domains.
+        # iommufd_hwpt_nested_alloc: the machine's IOMMU model builds no nested domains.
         if cmd.flags & ~u.IOMMU_HWPT_FAULT_ID_VALID or not cmd.data_len:
             raise err(EOPNOTSUPP)
         if iommu_driver(ictx.kernel).vendor == "smmuv3":
@@ -184,17 +242,28 @@ def iommufd_hwpt_get_dirty_bitmap(ucmd: Ucmd) -> int:
 @register(u.IOMMU_HWPT_INVALIDATE, u.iommu_hwpt_invalidate, 32)
 def iommufd_hwpt_invalidate(ucmd: Ucmd) -> int:
     """Only nested HWPTs and vIOMMUs take invalidations; a paging HWPT is EINVAL. The
-    command is answered (entry_num = 0) on every path after the first checks."""
+    command is answered (entry_num = entries done) on every path."""
     cmd = ucmd.cmd
     rc = 0
+    done_num = 0
+    pt_obj = ucmd.ictx.find(cmd.hwpt_id)
     if cmd.__reserved:
         rc = EOPNOTSUPP
     elif cmd.entry_num and (not cmd.data_uptr or not cmd.entry_len):
         rc = EINVAL
-    elif ucmd.ictx.find(cmd.hwpt_id) is None:
+    elif pt_obj is None:
         rc = ENOENT
+    elif isinstance(pt_obj, IommufdHwptNested):
+        invalidate = getattr(pt_obj.domain, "cache_invalidate_user", None)
+        if invalidate is None:
+            rc = EOPNOTSUPP
+        else:
+            # ops->cache_invalidate_user: entries handled before an error count as done
+            rc, done_num = invalidate(cmd.data_type, cmd.data_uptr, cmd.entry_len, cmd.entry_num)
     else:
-        rc = EINVAL
-    cmd.entry_num = 0
+        rc = EINVAL  # a paging HWPT (7.2: only nested HWPTs and vIOMMUs invalidate)
+    cmd.entry_num = done_num
     ucmd.respond()
-    raise err(rc)
+    if rc:
+        raise err(rc)
+    return 0

@@ -32,6 +32,7 @@ from errno import (
     EFAULT,
     EINVAL,
     ENOENT,
+    ENOMEM,
     ENOSPC,
     EOPNOTSUPP,
     EOVERFLOW,
@@ -44,6 +45,7 @@ from vfiomig.hw.memory import PAGE_SHIFT, PAGE_SIZE
 from vfiomig.kernel.bitops import U64_MAX, ULONG_MAX
 from vfiomig.kernel.bitops import __ffs as ffs
 from vfiomig.kernel.errors import err
+from vfiomig.kernel.fault_inject import fail_point
 from vfiomig.kernel.iommufd.iova_bitmap import IovaBitmap
 from vfiomig.kernel.uaccess import access_ok
 
@@ -104,6 +106,9 @@ class IoptPages:
     writable: bool
     start: int = 0
     pin: FilePin | None = None
+    # pages->source_mm: the process whose memory this is (its pid under `vfiomig run`, where
+    # a fork child can map memory the parent later pins; None: the kernel's own mm)
+    source_mm: int | None = None
 
     @property
     def end(self) -> int:
@@ -374,6 +379,7 @@ class IoPagetable:
 
     def _insert_area(self, elm: PagesSlice, iova: int, prot: int) -> IoptArea:
         """iopt_insert_area: the area is in the tree but not yet filled (pages None)."""
+        fail_point(self.mm, "failslab", ENOMEM)  # iopt_area_alloc
         if prot & IOMMU_WRITE and not elm.pages.writable:
             raise err(EPERM)
         page_offset = elm.start_byte % PAGE_SIZE
@@ -429,6 +435,8 @@ class IoPagetable:
     def map_user_pages(self, uptr: int, length: int, iova: int | None, prot: int) -> int:
         """iopt_map_user_pages."""
         pages = iopt_alloc_user_pages(uptr, length, bool(prot & IOMMU_WRITE))
+        fail_point(self.mm, "failslab", ENOMEM)  # iopt_alloc_pages: kzalloc
+        pages.source_mm = getattr(self.mm, "pid", None)
         return self.map_pages([PagesSlice(pages, uptr - pages.uptr, length)], length, iova, prot)
 
     def map_file_pages(
@@ -467,15 +475,30 @@ class IoPagetable:
         """Pinning the pages behind an area: user pages must be mapped at a user address
         (EFAULT otherwise), file pages must be pinnable (EINVAL, iopt_pin_file_pages).
         Returns the address of the area's first byte."""
+        if area.filled:
+            # pinned already: a new domain copies from one that has them
+            return pages.addr(area.start_byte)
+        fail_point(self.mm, "fail_page_alloc", ENOMEM)
         return self.pin_range(pages, area.start_byte, area.length)
 
-    def pin_range(self, pages: IoptPages, byte: int, length: int) -> int:
-        """The address of bytes [byte, byte + length) of `pages`, pinned (see _pin)."""
+    def pin_range(self, pages: IoptPages, byte: int, length: int, pinned: bool = False) -> int:
+        """The address of bytes [byte, byte + length) of `pages`, pinned (see _pin).
+        `pinned`: the area is in the domains already (an access reads what they hold), so
+        the mapping process (pages->source_mm, maybe a fork child now gone) is not needed."""
         if pages.pin is not None:
             iopt_pin_file_pages(self.mm, pages, byte, length)
             return pages.addr(byte)
         uva = pages.uptr + byte
-        if not access_ok(uva, length) or not self.mm.contains(uva, length):
+        if not access_ok(uva, length):
+            raise err(EFAULT)
+        src = pages.source_mm
+        if src is not None and src != getattr(self.mm, "pid", None) and not pinned:
+            # mmget_not_zero(pages->source_mm): the mapping process (a fork child) may be gone
+            contains_in = getattr(self.mm, "contains_in", None)
+            if contains_in is not None and not contains_in(src, uva, length):
+                raise err(EFAULT)
+            return uva
+        if not self.mm.contains(uva, length):
             raise err(EFAULT)
         return uva
 
@@ -751,7 +774,11 @@ class IoPagetable:
         # a hole stops the walk, and what was walked is reported (and cleared).
         pieces, _done = self.contig(iova, last)
         for _area, cur, plast in pieces:
-            record_dirty(domain, bitmap, cur, plast - cur + 1, clear)
+            own = getattr(domain, "record_dirty", None)  # a driver's read_and_clear_dirty
+            if own is not None:
+                own(bitmap, cur, plast - cur + 1, clear)
+            else:
+                record_dirty(domain, bitmap, cur, plast - cur + 1, clear)
         if clear and pieces:
             start = pieces[0][1]
             domain.iotlb_sync(start, pieces[-1][2] - start + 1)

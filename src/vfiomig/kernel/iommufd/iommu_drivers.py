@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from errno import EOPNOTSUPP
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from vfiomig.kernel.bitops import ULONG_MAX
 from vfiomig.kernel.errors import err
@@ -102,6 +102,12 @@ class IommuDriver:
             # tracking needs S1 with HTTU: the combination falls to -EOPNOTSUPP.
             raise err(EOPNOTSUPP)
 
+    def domain_alloc_paging(self, kernel: ModelKernel, vdev: Any, flags: int) -> Any:
+        """ops->domain_alloc_paging_flags: a hw domain of the machine's IOMMU."""
+        return kernel.iommu.domain_alloc(
+            dirty_tracking=bool(flags & u.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
+        )
+
 
 DRIVERS = {
     "smmuv3": IommuDriver(
@@ -117,3 +123,11 @@ DRIVERS = {
 def iommu_driver(kernel: ModelKernel) -> IommuDriver:
     """The driver of the machine's IOMMU (hw.iommu.Iommu, one vendor per machine)."""
     return DRIVERS[kernel.iommu.vendor]
+
+
+def dev_iommu_ops(kernel: ModelKernel, vdev: Any) -> Any:
+    """dev_iommu_ops(dev) (drivers/iommu/iommu-priv.h): the driver in front of a device.
+    The machine's, except for a device that brings its own (`vdev.iommu_ops`: the
+    selftest's mock devices, behind the mock IOMMU of selftest.py)."""
+    ops = getattr(vdev, "iommu_ops", None)
+    return ops if ops is not None else iommu_driver(kernel)

@@ -16,10 +16,11 @@ import ctypes
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from errno import EBUSY, EFAULT, EINVAL, ENOENT, ENOTTY, EOPNOTSUPP, EPERM
+from errno import EBUSY, EFAULT, EINVAL, ENOENT, ENOMEM, ENOTTY, EOPNOTSUPP, EPERM
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vfiomig.kernel.errors import err
+from vfiomig.kernel.fault_inject import fail_point
 from vfiomig.kernel.fs import File
 from vfiomig.kernel.uaccess import UserArg
 from vfiomig.uapi import iommufd as u
@@ -39,6 +40,7 @@ class IommufdObjectType(enum.Enum):
     IOAS = "ioas"
     ACCESS = "access"
     FAULT = "fault"
+    SELFTEST = "selftest"  # CONFIG_IOMMUFD_TEST's mock devices (selftest.py)
 
 
 class IommufdObject:
@@ -72,7 +74,9 @@ class IommufdCtx:
         self.account_mode = IOPT_PAGES_ACCOUNT_USER
 
     def alloc(self, obj: ObjT) -> ObjT:
-        """iommufd_object_alloc + finalize: ids are the lowest free from 1 (xa_alloc)."""
+        """iommufd_object_alloc + finalize: ids are the lowest free from 1 (xa_alloc).
+        The kzalloc of the object can fail (ENOMEM, fail-nth: fault_inject.py)."""
+        fail_point(self.kernel.mm, "failslab", ENOMEM)
         oid = 1
         while oid in self.objects:
             oid += 1
@@ -178,6 +182,16 @@ IOCTL_TABLE_LEN = (
     - u.IOMMUFD_CMD_BASE
     + 1
 )
+# CONFIG_IOMMUFD_TEST adds IOCTL_OP(IOMMU_TEST_CMD, ...) at IOMMUFD_CMD_BASE + 32 to
+# iommufd_ioctl_ops[] (main.c), so the table reaches it; selftest.py registers the op.
+IOCTL_TABLE_LEN_TEST = 32 + 1
+
+
+def ioctl_table_len(ictx: IommufdCtx) -> int:
+    """ARRAY_SIZE(iommufd_ioctl_ops) of the kernel the ictx belongs to."""
+    if getattr(ictx.kernel, "iommufd_test", False):
+        return max(IOCTL_TABLE_LEN, IOCTL_TABLE_LEN_TEST)
+    return IOCTL_TABLE_LEN
 
 
 _LOADED = False
@@ -208,7 +222,7 @@ class IommufdFile(File):
     def ioctl(self, cmd: int, arg: UserArg | int) -> int:
         """iommufd_fops_ioctl."""
         nr = _IOC_NR(cmd)
-        if not 0 <= nr - u.IOMMUFD_CMD_BASE < IOCTL_TABLE_LEN:
+        if not 0 <= nr - u.IOMMUFD_CMD_BASE < ioctl_table_len(self.ictx):
             from vfiomig.kernel.iommufd.vfio_compat import iommufd_vfio_ioctl
 
             return iommufd_vfio_ioctl(self.ictx, cmd, arg)
