@@ -71,6 +71,7 @@ class ReferenceLoad(DeviceLoad):
         self.rng = np.random.default_rng(seed)
         self.written = 0
         self.buf = np.zeros(REF_RING // 8, dtype="<u8")  # what the device writes, reused
+
     def advance(self, dt: float, vcpus: bool) -> None:
         if not self.hw.running or dt <= 0:
             return

@@ -71,10 +71,9 @@ def device_loads(host: Host, sc: Scenario, truth: GroundTruth) -> list[DeviceLoa
     """Each device's workload, in the device window at the top of guest RAM."""
     loads: list[DeviceLoad] = []
     vm = host.vm
-    base_page = FIRST_SHARE // PAGE  # the device window is the bottom of guest RAM
     for i, (cfg, path) in enumerate(zip(sc.devices, host.paths, strict=True)):
         wl = {**DEFAULTS.get(cfg.kind, {}), **cfg.workload}
-        iova = iova_of(vm, base_page + i * SHARE // PAGE)
+        iova = iova_of(vm, share_offset(i) // PAGE)
         if cfg.kind == "reference":
             loads.append(
                 ReferenceLoad(truth.hw(path), iova, int(wl["rate"]), int(wl["churn"]), sc.seed + i)
@@ -82,11 +81,16 @@ def device_loads(host: Host, sc: Scenario, truth: GroundTruth) -> list[DeviceLoa
         elif cfg.kind == "hisi_acc":
             from vfiomig.sim.hisi import HisiZipLoad
 
-            offset = base_page * PAGE + i * SHARE
+            offset = share_offset(i)
             loads.append(
                 HisiZipLoad(truth.hw(path), iova, vm.ram, offset, int(wl["jobs"]), sc.seed + i)
             )
     return loads
+
+
+def share_offset(i: int) -> int:
+    """Where device ``i``'s share of the device window (the bottom of guest RAM) starts."""
+    return FIRST_SHARE + i * SHARE
 
 
 def iova_of(vm: Vm, page: int) -> int:
@@ -235,7 +239,7 @@ def _verify_completed(
             res.corruption.append(f"{cfg.kind}: {_state_diff(want, got)}")
     cpu = json.loads(dest.cpu or b"{}")
     for i, (load, p, st) in enumerate(zip(loads, dst.paths, cpu.get("drivers", []), strict=False)):
-        load.move(truth_d.hw(p), st, iova_of(dst.vm, (FIRST_SHARE + i * SHARE) // PAGE), dst.vm.ram)
+        load.move(truth_d.hw(p), st, iova_of(dst.vm, share_offset(i) // PAGE), dst.vm.ram)
     world.ram = dst.vm.ram
     world.start_vcpus()
     world.advance(AFTER)
@@ -251,17 +255,25 @@ def _state_diff(want: Any, got: Any) -> str:
     return "device state differs after resume"
 
 
-def _verify_recovered(
-    src: Host, world: SimWorld, loads: list[DeviceLoad], mig: Migration, res: Result
-) -> None:
-    """After failure/cancel: RAM as it was when the migration failed (recovery wrote
-    nothing into it), every device RUNNING, and the guest goes on."""
+def source_recovered(src: Host, mig: Migration) -> list[str]:
+    """What is wrong with the source after a failed or cancelled migration: its RAM must be
+    as it was when the migration stopped (recovery wrote nothing into it) and every device
+    RUNNING (unchanged, or reset as QEMU leaves it)."""
+    out = []
     if src.vm.ram.digest() != mig.ram_digest_at_failure:
-        res.corruption.append("source RAM changed while the migration was undone")
+        out.append("source RAM changed while the migration was undone")
     for pd in src.vm.devices:
         state = pd.dev.get_state()
         if state != MigrationState.RUNNING:
-            res.corruption.append(f"{pd.name}: left in {MigrationState(state).name}")
+            out.append(f"{pd.name}: left in {MigrationState(state).name}")
+    return out
+
+
+def _verify_recovered(
+    src: Host, world: SimWorld, loads: list[DeviceLoad], mig: Migration, res: Result
+) -> None:
+    """After failure/cancel: the source as source_recovered checks it, and the guest goes on."""
+    res.corruption += source_recovered(src, mig)
     world.start_vcpus()
     world.advance(AFTER)
     for load in loads:

@@ -29,10 +29,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from vfiomig.host import MigrationState, VfioError
+from vfiomig.host import VfioError
 from vfiomig.hw.iommu import VENDORS
 from vfiomig.sim.costs import CostModel
-from vfiomig.sim.run import MAX_DEVICES, WARMUP, Result, device_loads
+from vfiomig.sim.run import MAX_DEVICES, WARMUP, Result, device_loads, source_recovered
 from vfiomig.sim.scenario import Host, Scenario, build_host
 from vfiomig.sim.truth import GroundTruth
 from vfiomig.sim.world import SimWorld
@@ -196,14 +196,8 @@ def _write(
 
 
 def _check_recovered(src: Host, mig: Migration, res: Result) -> None:
-    """After a failed or cancelled save: the source's RAM as it was when the migration
-    stopped and every device RUNNING (as sim.run checks)."""
-    if src.vm.ram.digest() != mig.ram_digest_at_failure:
-        res.corruption.append("source RAM changed while the migration was undone")
-    for pd in src.vm.devices:
-        state = pd.dev.get_state()
-        if state != MigrationState.RUNNING:
-            res.corruption.append(f"{pd.name}: left in {MigrationState(state).name}")
+    """After a failed or cancelled save: the source checked as sim.run checks it."""
+    res.corruption += source_recovered(src, mig)
     res.verified = not res.corruption
 
 

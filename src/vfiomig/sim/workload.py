@@ -31,7 +31,7 @@ class Workload:
     hot: int = 0  # bytes of the hot set (hotcold)
     hotfrac: float = 0.9  # share of writes that go to the hot set
     _carry: float = 0.0
-    _pos: int = 0  # sequential: the next page to write
+    pos: int = 0  # sequential: the next page to write
 
     def check(self, max_pages: int) -> None:
         """ValueError for a spec that cannot run on a guest with ``max_pages`` CPU pages."""
@@ -70,8 +70,8 @@ class Workload:
             p = np.concatenate((rng.integers(0, hot, nh), rng.integers(hot, wss, n - nh)))
         else:
             n = min(n, wss)
-            p = (self._pos + np.arange(n, dtype=np.int64)) % wss
-            self._pos = int((self._pos + n) % wss)
+            p = (self.pos + np.arange(n, dtype=np.int64)) % wss
+            self.pos = int((self.pos + n) % wss)
         return np.sort(p.astype(np.int64))
 
     def describe(self) -> str:

@@ -23,14 +23,12 @@ class SimWorld:
         self.now = 0.0
         self.throttle = 0.0
         self.vcpus = True
-        self.cpu_pages_written = 0
 
     def advance(self, dt: float) -> None:
         if dt <= 0:
             return
         if self.vcpus:
             pages = self.workload.pages(dt, self.rng, self.throttle)
-            self.cpu_pages_written += int(pages.size)
             self.ram.cpu_write(pages)
         for load in self.loads:
             load.advance(dt, self.vcpus)
@@ -49,7 +47,7 @@ class SimWorld:
         return json.dumps(
             {
                 "throttle": self.throttle,
-                "workload_pos": self.workload._pos,
+                "workload_pos": self.workload.pos,
                 "drivers": [load.state() for load in self.loads],
             },
             sort_keys=True,

@@ -21,6 +21,7 @@ from vfiomig.host import (
     Iommufd,
     MigrationFlags,
     Transport,
+    Type1Info,
     VfioDevice,
     VfioError,
 )
@@ -107,6 +108,7 @@ class Vm:
         self.ioas: Ioas | None = None
         self.hwpts: list[Hwpt] = []
         self.container: Container | None = None
+        self.type1_info: Type1Info | None = None
         self.groups: list[Group] = []
         self.sections: list[RamSection] = []
         self.warnings: list[str] = []
@@ -119,17 +121,18 @@ class Vm:
         else:
             self._setup_type1()
         for i, pd in enumerate(self.devices):
-            flags = pd.dev.migration_flags() if self._has_migration(pd) else MigrationFlags(0)
+            flags = self._migration_flags(pd)
             pd.mig = VfioMigration(f"{pd.config.kind}{i}", pd.config.kind, pd.dev, flags)
             pd.dma_logging = pd.config.dirty_page_tracking and pd.dev.dma_logging_supported()
 
     @staticmethod
-    def _has_migration(pd: PassthroughDevice) -> bool:
+    def _migration_flags(pd: PassthroughDevice) -> MigrationFlags:
+        """VFIO_DEVICE_FEATURE_MIGRATION; no flags when the device has no migration uAPI
+        (QEMU then blocks migration: vfio_migration_init's -ENOTTY)."""
         try:
-            pd.dev.migration_flags()
-            return True
+            return pd.dev.migration_flags()
         except VfioError:
-            return False
+            return MigrationFlags(0)
 
     def _setup_iommufd(self) -> None:
         self.ictx = Iommufd(self.t)
@@ -238,9 +241,9 @@ class Vm:
             if self.hwpts and all(pd.iommu_dirty_tracking for pd in self.devices):
                 return IommufdHwpt(self.sections, self.hwpts)
             return AllDirty(self.sections)
-        info = self.type1_info
-        if info.migration is not None:
-            return Type1(self.sections, self.container, info.min_page_size)  # type: ignore[arg-type]
+        info, c = self.type1_info, self.container
+        if info is not None and info.migration is not None and c is not None:
+            return Type1(self.sections, c, info.min_page_size)
         return AllDirty(self.sections)
 
     def close(self) -> None:
